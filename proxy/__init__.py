@@ -1,0 +1,1 @@
+"""canary-proxy: an HTTP reverse proxy that does progressive delivery in the data path."""

@@ -1,0 +1,136 @@
+"""The `canary-proxy` command: run, check, demo.
+
+Exit codes: 0 success, 2 invalid config or usage, 1 runtime failure. Errors are one line each,
+never a traceback, unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from proxy.config import Config, ConfigError
+from proxy.loader import format_problems, load_config_file
+
+EXIT_OK: Final = 0
+EXIT_RUNTIME: Final = 1
+EXIT_CONFIG: Final = 2
+DEFAULT_CONFIG: Final = "config/proxy.yaml"
+
+log = logging.getLogger("canary_proxy")
+
+
+def _default_config_path() -> str:
+    return os.environ.get("CANARY_PROXY_CONFIG") or DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canary-proxy",
+        description="HTTP reverse proxy with in-process canary routing and automatic rollback.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve traffic")
+    run.add_argument(
+        "--config",
+        default=None,
+        help=f"config file (default: $CANARY_PROXY_CONFIG or {DEFAULT_CONFIG})",
+    )
+    check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
+    check.add_argument("--config", default=None, help="config file to validate")
+    demo = commands.add_parser("demo", help="self-contained demo of the split")
+    demo.add_argument("--requests", type=int, default=2000, help="requests to send")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_CONFIG if exit_.code not in (0, None) else EXIT_OK
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as error:  # the one place a runtime failure becomes one line
+        if args.debug:
+            raise
+        print(f"canary-proxy: error: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        return _check(args.config or _default_config_path())
+    if args.command == "run":
+        return _run(args.config or _default_config_path())
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        return run_demo(requests=args.requests)
+    raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config_file(path)
+    except ConfigError as error:
+        print(f"canary-proxy: invalid config {path}:", file=sys.stderr)
+        print(format_problems(error.problems), file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    print("OK")
+    return EXIT_OK
+
+
+def _run(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    _install_uvloop()
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def _install_uvloop() -> None:
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests (bounded) and return."""
+    from proxy.runtime import RuntimeHolder
+    from proxy.server import Server
+
+    loop = asyncio.get_running_loop()
+    server = Server(RuntimeHolder(config), loop)
+    host, port = await server.start(config.listen.host, config.listen.port)
+    # Tests and supervisors read this line to learn the bound port when `listen` uses port 0.
+    log.info("canary-proxy listening on %s:%d (%d routes)", host, port, len(config.routes))
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", config.timeouts.shutdown)
+    await server.shutdown(config.timeouts.shutdown)
+    log.info("stopped")

@@ -1,0 +1,150 @@
+"""Pure request routing: which route a request belongs to and which version serves it.
+
+Implements DESIGN.md §4.1 (route match) and §4.2 (version decision) on plain strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final, Literal
+
+from proxy.bucketing import BUCKETS, bucket, in_canary
+from proxy.config import KeySource, Route, Split
+
+Decision = Literal["stable", "canary"]
+
+FORCE_CANARY: Final = "always"
+FORCE_STABLE: Final = "never"
+
+# RFC 6265 §5.2: cookie names and values are trimmed of WSP (space and horizontal tab) only.
+_WSP: Final = " \t"
+
+_Entry = tuple[str, Route]  # (path_prefix, route), in config order
+
+
+def normalize_host(host: str) -> str:
+    """A Host header value as routes store it: lower-cased, port and a trailing dot removed.
+
+    IPv6 literals keep their brackets (`[::1]:8080` -> `[::1]`, RFC 3986 §3.2.2); a bare IPv6
+    address (invalid in a Host header, but written so in configs) gets them added.
+    """
+    h = host.lower()
+    if h[:1] == "[":
+        end = h.find("]")
+        # An unterminated literal is malformed; left whole it can match no configured host.
+        return h if end < 0 else h[: end + 1]
+    colon = h.find(":")
+    if colon >= 0:
+        if h.find(":", colon + 1) >= 0:
+            return f"[{h}]"
+        h = h[:colon]
+    # `shop.example.com.` is the same fully qualified name; nginx strips the dot too.
+    return h[:-1] if h[-1:] == "." else h
+
+
+class RouteTable:
+    """The routes of one config, indexed once so `match` is a dict lookup and a short scan."""
+
+    __slots__ = ("_any_host", "_by_host", "routes")
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        keyed = [
+            (None if r.match.host is None else normalize_host(r.match.host), r) for r in routes
+        ]
+        # Host-less routes match every host, so each host's list interleaves them in config
+        # order: first match wins across both kinds without a second scan.
+        self._any_host: tuple[_Entry, ...] = tuple(
+            (r.match.path_prefix, r) for h, r in keyed if h is None
+        )
+        self._by_host: dict[str, tuple[_Entry, ...]] = {
+            host: tuple((r.match.path_prefix, r) for h, r in keyed if h is None or h == host)
+            for host, _ in keyed
+            if host is not None
+        }
+
+    def match(self, host: str, path: str) -> Route | None:
+        """The first route whose host (if any) and path prefix match; None means 404.
+
+        `host` is the raw Host header value; `path` is the request path.
+        """
+        # Without host routes the Host header cannot matter; skip normalizing it.
+        entries = (
+            self._by_host.get(normalize_host(host), self._any_host)
+            if self._by_host
+            else self._any_host
+        )
+        for prefix, route in entries:
+            if path.startswith(prefix):
+                return route
+        return None
+
+
+def choose_version(
+    split: Split,
+    *,
+    weight_bp: int,
+    aborted: bool,
+    force: str | None,
+    sticky_key: str | None,
+    rng: Callable[[], float],
+) -> Decision:
+    """The version for one request, in DESIGN.md §4.2 order: abort, force, sticky, random.
+
+    `weight_bp` is the live weight (from rollout state, not the config) in basis points;
+    `rng` returns a float in [0, 1) and is called only when the decision is random. An empty
+    sticky key counts as absent: otherwise every request with an empty header would share one
+    bucket and move as a block.
+    """
+    if aborted:
+        return "stable"
+    if force == FORCE_CANARY:
+        return "canary"
+    if force == FORCE_STABLE:
+        return "stable"
+    # Buckets and rng() * BUCKETS both lie in [0, BUCKETS): at the ends the answer is known
+    # without hashing or drawing (weight 0 is the common state after a rollback).
+    if weight_bp <= 0:
+        return "stable"
+    if weight_bp >= BUCKETS:
+        return "canary"
+    if sticky_key:
+        return "canary" if in_canary(bucket(split.salt, sticky_key), weight_bp) else "stable"
+    return "canary" if rng() * BUCKETS < weight_bp else "stable"
+
+
+def cookie_value(cookie_header: str, name: str) -> str | None:
+    """The value of cookie `name` in a `Cookie:` header; the first occurrence wins.
+
+    Whitespace around names and values is trimmed and one pair of surrounding double quotes
+    removed (RFC 6265 §4.1.1 allows a quoted value); pairs without `=` are skipped. Names are
+    case-sensitive.
+    """
+    # Most requests do not carry the cookie; a substring test is far cheaper than splitting.
+    if name not in cookie_header:
+        return None
+    for pair in cookie_header.split(";"):
+        key, eq, value = pair.partition("=")
+        if eq and key.strip(_WSP) == name:
+            value = value.strip(_WSP)
+            if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+                return value[1:-1]
+            return value
+    return None
+
+
+def request_key(source: KeySource, headers: Mapping[str, str]) -> str | None:
+    """A sticky or force key from a request: the header first, then the cookie (§4.2.3).
+
+    `headers` maps lower-cased header names to values, with the `Cookie:` header under
+    `cookie`. An empty header value counts as absent, so the cookie is consulted.
+    """
+    if source.header is not None:
+        value = headers.get(source.header)
+        if value:
+            return value
+    if source.cookie is not None:
+        cookies = headers.get("cookie")
+        if cookies is not None:
+            return cookie_value(cookies, source.cookie)
+    return None

@@ -1,0 +1,1092 @@
+"""Client side of the data plane: the llhttp request Protocol, keep-alive, limits, deadlines,
+flow control, and the exchange that pairs one client request with one upstream response.
+
+Callback-driven like uvicorn's `httptools_impl`: a pooled upstream connection is written to
+from inside the parser callback, so the common request costs no task and no await. Only a new
+upstream connection is awaited, in a small task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Final, cast
+
+import httptools
+
+from proxy.config import Timeouts
+from proxy.headers import (
+    VIA,
+    forwarded_for,
+    is_valid_host,
+    nominated_fields,
+    plain_response,
+    status_line,
+)
+from proxy.routing import choose_version, cookie_value
+from proxy.runtime import CANARY, STABLE, RouteRuntime, Runtime, RuntimeHolder
+from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
+
+# Why the client transport is paused; reading resumes only when no reason is left.
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one before it
+PAUSE_CONNECTING: Final = 2  # body bytes wait for the upstream connection
+PAUSE_BACKPRESSURE: Final = 4  # the upstream is not draining what we write
+PAUSE_UPGRADE: Final = 8  # tunnel bytes wait for the upstream's 101
+
+# What the connection deadline currently guards.
+DEADLINE_NONE: Final = 0
+DEADLINE_IDLE: Final = 1  # keep-alive idle between requests: close silently
+DEADLINE_HEADER: Final = 2  # request head must arrive in time: 408
+DEADLINE_BODY: Final = 3  # request body must keep flowing: 408
+DEADLINE_SEND: Final = 4  # the client must keep reading our response: abort
+
+MAX_HEADER_FIELDS: Final = 100  # Envoy's and HAProxy's default field cap; more is a 431
+
+# RFC 9110 §9.2.2: only these may be retried automatically (TRACE is refused outright).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+REFUSED_METHODS: Final = frozenset({b"CONNECT", b"TRACE"})
+
+# Request fields handled here rather than copied verbatim (see headers.REQUEST_DROP for why).
+_HOST: Final = b"host"
+_COOKIE: Final = b"cookie"
+_TE: Final = b"transfer-encoding"
+_CL: Final = b"content-length"
+_CONNECTION: Final = b"connection"
+_UPGRADE: Final = b"upgrade"
+_EXPECT: Final = b"expect"
+_XFF: Final = b"x-forwarded-for"
+_CONSUMED: Final = frozenset(
+    {
+        _TE,
+        _CL,
+        _CONNECTION,
+        _UPGRADE,
+        _EXPECT,
+        _XFF,
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+_RESPONSE_CONSUMED: Final = frozenset(
+    {
+        _TE,
+        _CL,
+        _CONNECTION,
+        _UPGRADE,
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_XFP: Final = b"X-Forwarded-Proto: http\r\n"
+_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+_CLOSE: Final = b"Connection: close\r\n"
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+
+
+class Reject(Exception):
+    """A request the proxy answers itself and then closes the connection for."""
+
+    def __init__(self, status: int, message: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.message = message
+
+
+class Exchange:
+    """One request/response pair: routed at head time, streamed both ways, recorded once."""
+
+    __slots__ = (
+        "body_bytes",
+        "client",
+        "client_gone",
+        "connect_task",
+        "expect_body",
+        "head",
+        "http11",
+        "instance",
+        "keep_alive",
+        "local",
+        "method",
+        "pending",
+        "pool",
+        "request_chunked",
+        "request_done",
+        "response_chunked",
+        "response_deadline",
+        "response_done",
+        "response_started",
+        "retried",
+        "reused",
+        "route",
+        "runtime",
+        "started",
+        "status",
+        "tunnel_tail",
+        "upgrade",
+        "upstream",
+        "version",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        runtime: Runtime,
+        *,
+        method: bytes,
+        http11: bool,
+        keep_alive: bool,
+        started: float,
+    ) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.method = method
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.started = started
+        self.route: RouteRuntime | None = None
+        self.version = STABLE
+        self.pool: VersionPool | None = None
+        self.instance: Instance | None = None
+        self.head = b""
+        self.local: bytes | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.pending: list[bytes] | None = None
+        self.request_chunked = False
+        self.request_done = False
+        self.body_bytes = 0
+        self.upgrade = False
+        self.response_started = False
+        self.response_done = False
+        self.response_chunked = False
+        self.response_deadline = 0.0
+        self.status = 0
+        self.retried = False
+        self.reused = False
+        self.client_gone = False
+        self.expect_body = False
+        self.tunnel_tail = b""
+
+    # -- starting --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.local is not None:
+            self._respond_local(self.local)
+            return
+        instance = self.instance
+        assert instance is not None
+        upstream = instance.take_idle()
+        if upstream is not None:
+            self._attach(upstream, reused=True)
+        else:
+            self._connect()
+
+    def _respond_local(self, response: bytes) -> None:
+        if not self.request_done:
+            self.keep_alive = False  # we will not read the rest of the body
+        self.response_started = True
+        self.client.write(response)
+        self._finish()
+
+    def _connect(self) -> None:
+        self.client.pause(PAUSE_CONNECTING)
+        if self.pending is None:
+            self.pending = []
+        self.connect_task = self.client.loop.create_task(self._open_connection())
+
+    async def _open_connection(self) -> None:
+        loop = self.client.loop
+        instance = self.instance
+        while instance is not None:
+            try:
+                upstream = await self._dial(instance)
+            except TimeoutError:
+                self._fail_before_response(504, b"Gateway Timeout", "timeout")
+                return
+            except ConnectionRefusedError:
+                # Nothing was sent: another instance of the same version may take it.
+                now = loop.time()
+                instance.down_until = now + COOL_DOWN_SECONDS
+                assert self.pool is not None
+                instance = self.instance = self.pool.pick(now)
+                continue
+            except OSError:
+                self._fail_before_response(502, b"Bad Gateway", "connect")
+                return
+            self.connect_task = None
+            if self.client_gone:
+                upstream.close()
+            else:
+                self._attach(upstream, reused=False)
+            return
+        self._fail_before_response(502, b"Bad Gateway", "connect")
+
+    async def _dial(self, instance: Instance) -> UpstreamConnection:
+        async with asyncio.timeout(self.runtime.config.timeouts.connect):
+            _, upstream = await self.client.loop.create_connection(
+                lambda: UpstreamConnection(instance), instance.host, instance.port
+            )
+        return upstream
+
+    def _attach(self, upstream: UpstreamConnection, *, reused: bool) -> None:
+        self.upstream = upstream
+        self.reused = reused
+        upstream.bind(self, no_body=self.method == b"HEAD")
+        upstream.write(self.head)
+        pending = self.pending
+        if pending:
+            self.pending = None
+            for chunk in pending:
+                self._send_body(upstream, chunk)
+        else:
+            self.pending = None
+        if self.request_done:
+            self._request_sent(upstream)
+        self.client.unpause(PAUSE_CONNECTING)
+
+    # -- request body ----------------------------------------------------------------------
+
+    def request_body(self, chunk: bytes) -> None:
+        self.body_bytes += len(chunk)
+        limit = self.runtime.config.limits.max_body_bytes
+        if limit and self.body_bytes > limit:
+            self._body_too_large()
+            return
+        if self.local is not None or self.response_done:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self._send_body(upstream, chunk)
+        elif self.pending is not None:
+            self.pending.append(chunk)
+        else:
+            self.pending = [chunk]
+
+    def _send_body(self, upstream: UpstreamConnection, chunk: bytes) -> None:
+        if self.request_chunked:
+            upstream.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+        else:
+            upstream.write(chunk)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        upstream = self.upstream
+        if upstream is not None and not self.response_done:
+            self._request_sent(upstream)
+
+    def _request_sent(self, upstream: UpstreamConnection) -> None:
+        if self.request_chunked:
+            upstream.write(_LAST_CHUNK)
+        if not self.response_started:
+            self.response_deadline = (
+                self.client.loop.time() + self.runtime.config.timeouts.response_header
+            )
+
+    def _body_too_large(self) -> None:
+        if self.response_started:
+            self._abort_both()
+            return
+        self.keep_alive = False
+        self._drop_upstream()
+        self._reply_error(413, b"Content Too Large")
+
+    # -- upstream callbacks ----------------------------------------------------------------
+
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status < 200:
+            self._interim(status, headers)
+            return
+        self.response_deadline = 0.0
+        self.status = status
+        self.response_started = True
+        self.client.write(self._response_head(status, headers))
+
+    def _interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 101:
+            if not self.upgrade:
+                return  # an unrequested switch: upstream_upgraded turns it into a 502
+            self.status = 101
+            self.response_deadline = 0.0
+            self.response_started = True
+            lines = [status_line(101, b"")]
+            lines.extend(name + b": " + value + _CRLF for name, value in headers)
+            lines.append(_CRLF)
+            self.client.write(b"".join(lines))
+        elif status != 100 and self.http11:
+            # RFC 9110 §15.2: a proxy forwards 1xx (e.g. 103 Early Hints); 100 is ours to send.
+            lines, _, _ = _response_lines(status, headers)
+            lines.append(_CRLF)
+            self.client.write(b"".join(lines))
+
+    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        lines, content_length, chunked = _response_lines(status, headers)
+        no_body = self.method == b"HEAD" or status == 304
+        if status == 204:
+            pass  # RFC 9110 §8.6: no Content-Length in a 204
+        elif content_length is not None and (no_body or not chunked):
+            lines.append(b"Content-Length: " + content_length + _CRLF)
+        elif not no_body:
+            if self.http11:
+                self.response_chunked = True
+                lines.append(_CHUNKED)
+            else:
+                self.keep_alive = False  # close-delimited for an HTTP/1.0 client
+        if self.upgrade or self.client.server.draining:
+            self.keep_alive = False  # a refused upgrade leaves the request stream unusable
+        if not self.keep_alive:
+            lines.append(_CLOSE)
+        elif not self.http11:
+            lines.append(_KEEP_ALIVE)
+        lines.append(_CRLF)
+        return b"".join(lines)
+
+    def upstream_body(self, chunk: bytes) -> None:
+        if self.response_chunked:
+            self.client.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+        else:
+            self.client.write(chunk)
+
+    def upstream_complete(self, reusable: bool) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if self.response_chunked:
+            self.client.write(_LAST_CHUNK)
+        if upstream is not None:
+            assert self.instance is not None
+            if reusable and self.request_done and not self.client_gone:
+                upstream.detach()
+                self.instance.put_idle(upstream, self.client.loop.time())
+            else:
+                upstream.close()
+        self.response_done = True
+        self._finish()
+
+    def upstream_upgraded(self, tail: bytes) -> None:
+        if self.status != 101:
+            self._drop_upstream()
+            self.upstream_failed("protocol", True)
+            return
+        self.client.start_tunnel(self)
+        if tail:
+            self.client.write(tail)
+        if self.tunnel_tail and self.upstream is not None:
+            self.upstream.write(self.tunnel_tail)
+            self.tunnel_tail = b""
+        self._record()
+
+    def batch_begin(self) -> None:
+        self.client.cork()
+
+    def batch_end(self) -> None:
+        self.client.uncork()
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def client_tunnel_data(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.write(data)
+
+    def upstream_failed(self, kind: str, got_response: bool) -> None:
+        self.upstream = None
+        if self.client_gone or self.response_done:
+            return
+        if self.status == 101:
+            self.client.close()  # tunnel closed by the upstream
+            return
+        if self._may_retry(kind, got_response):
+            self.retried = True
+            self._connect()
+            return
+        self._record_upstream_error(kind)
+        if self.response_started:
+            self.status = 502  # truncated response: the client sees an aborted message
+            self._abort_both()
+        elif kind == "timeout":
+            self._reply_error(504, b"Gateway Timeout")
+        else:
+            self._reply_error(502, b"Bad Gateway")
+
+    def _may_retry(self, kind: str, got_response: bool) -> bool:
+        # A pooled connection the upstream closed while idle (RFC 9112 §9.3.1): replay once, and
+        # only what is safe to replay (RFC 9110 §9.2.2): idempotent, bodiless, nothing received.
+        return (
+            kind == "reset"
+            and self.reused
+            and not got_response
+            and not self.retried
+            and self.request_done
+            and self.body_bytes == 0
+            and self.method in IDEMPOTENT
+        )
+
+    def upstream_pause_writing(self) -> None:
+        self.client.pause(PAUSE_BACKPRESSURE)
+
+    def upstream_resume_writing(self) -> None:
+        self.client.unpause(PAUSE_BACKPRESSURE)
+
+    # -- failures --------------------------------------------------------------------------
+
+    def _fail_before_response(self, status: int, message: bytes, kind: str) -> None:
+        self.connect_task = None
+        if self.client_gone:
+            return
+        self._record_upstream_error(kind)
+        self.client.unpause(PAUSE_CONNECTING)
+        self._reply_error(status, message)
+
+    def response_timed_out(self) -> None:
+        self.response_deadline = 0.0
+        self._record_upstream_error("timeout")
+        self._drop_upstream()
+        self._reply_error(504, b"Gateway Timeout")
+
+    def _reply_error(self, status: int, message: bytes) -> None:
+        self.status = status
+        if not self.request_done:
+            self.keep_alive = False
+        close = not self.keep_alive or self.client.server.draining
+        self.keep_alive = not close
+        self.response_started = True
+        self.response_done = True
+        self.client.write(plain_response(status, message, close=close))
+        self._finish()
+
+    def _drop_upstream(self) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
+        task = self.connect_task
+        self.connect_task = None
+        if task is not None:
+            task.cancel()
+
+    def _abort_both(self) -> None:
+        self._drop_upstream()
+        self.response_done = True
+        self.keep_alive = False
+        self._record()
+        self.client.abort()
+
+    def client_lost(self) -> None:
+        """The client went away: cancel the upstream exchange and count it as 499."""
+        if self.response_done or self.client_gone:
+            return
+        self.client_gone = True
+        self._drop_upstream()
+        if self.status != 101:
+            self.status = 499
+            self._record()
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def _record_upstream_error(self, kind: str) -> None:
+        route = self.route
+        if route is not None:
+            self.client.holder.outcomes.record_upstream_error(route.name, self.version, kind)
+
+    def _record(self) -> None:
+        route = self.route
+        outcomes = self.client.holder.outcomes
+        if route is None:
+            outcomes.record_rejected(self.status)
+        else:
+            outcomes.record(route.name, self.version, self.status)
+
+    def _finish(self) -> None:
+        self.response_done = True
+        self._record()
+        self.client.exchange_finished(self)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs their exchanges in order, keeps alive."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.holder = server.holder
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.head_bytes = 0
+        self.in_head = False
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.paused = 0
+        self.deadline = 0.0
+        self.deadline_kind = DEADLINE_NONE
+        self.tunnel: Exchange | None = None
+        self.pending_reject: Reject | None = None
+        self.closed = False
+        self.corked: list[bytes] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode("latin-1") if peer else b"unknown"
+        self.server.connections.add(self)
+        self._set_deadline(DEADLINE_HEADER, self._timeouts().client_header)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connection_closed(self)
+        active = self.active
+        self.active = None
+        if active is not None:
+            active.client_lost()
+        parsing = self.parsing
+        if parsing is not None and parsing is not active:
+            parsing.client_lost()
+        while self.queue:
+            self.queue.popleft().client_lost()
+
+    def _timeouts(self) -> Timeouts:
+        return self.holder.current.config.timeouts
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.loop.time() + seconds
+
+    def _clear_deadline(self) -> None:
+        self.deadline_kind = DEADLINE_NONE
+        self.deadline = 0.0
+
+    def is_idle(self) -> bool:
+        return self.active is None and not self.in_head and self.parsing is None
+
+    # -- writing and flow control ----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        corked = self.corked
+        if corked is not None:
+            corked.append(data)
+        elif not self.closed:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until `uncork`: one upstream read becomes one client write (one
+        syscall for head and body of a small response instead of several)."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        corked = self.corked
+        if corked is None:
+            return
+        self.corked = None
+        if corked and not self.closed:
+            assert self.transport is not None
+            self.transport.writelines(corked)
+
+    def close(self) -> None:
+        self.uncork()
+        if not self.closed:
+            self.closed = True
+            assert self.transport is not None
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.corked = None
+        if not self.closed:
+            self.closed = True
+            assert self.transport is not None
+            self.transport.abort()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def unpause(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.closed:
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        active = self.active
+        if active is not None and active.upstream is not None:
+            active.upstream.pause_reading()
+        if self.deadline_kind == DEADLINE_NONE:
+            self._set_deadline(DEADLINE_SEND, self._timeouts().idle)
+
+    def resume_writing(self) -> None:
+        active = self.active
+        if active is not None and active.upstream is not None:
+            active.upstream.resume_reading()
+        if self.deadline_kind == DEADLINE_SEND:
+            self._clear_deadline()
+
+    # -- bytes in --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.client_tunnel_data(data)
+            return
+        if self.parsing is None:
+            self.head_bytes += len(data)
+        elif self.deadline_kind == DEADLINE_BODY:
+            self.deadline = self.loop.time() + self._timeouts().idle
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if not isinstance(cause, Reject):
+                raise
+            self.reject(cause)
+            return
+        except httptools.HttpParserError as error:
+            self.reject(_parser_rejection(error))
+            return
+        if self.in_head and self.head_bytes > self._head_limit():
+            self.reject(Reject(431, b"Request Header Fields Too Large"))
+
+    def _head_limit(self) -> int:
+        limits = self.holder.current.config.limits
+        return limits.max_header_bytes + limits.max_url_bytes
+
+    def reject(self, rejection: Reject) -> None:
+        """Answer a request we will not forward, then close: framing can't be trusted."""
+        self.in_head = False
+        self.parsing = None
+        if self.active is not None:
+            self.pending_reject = rejection
+            self.pause(PAUSE_PIPELINE)
+            return
+        self.holder.outcomes.record_rejected(rejection.status)
+        self.write(plain_response(rejection.status, rejection.message, close=True))
+        self.close()
+
+    # -- llhttp callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        if self.active is None:
+            self._set_deadline(DEADLINE_HEADER, self._timeouts().client_header)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.holder.current.config.limits.max_url_bytes:
+            raise Reject(414, b"URI Too Long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        headers.append((name, value))
+        self.header_bytes += len(name) + len(value) + 4
+        if (
+            self.header_bytes > self.holder.current.config.limits.max_header_bytes
+            or len(headers) > MAX_HEADER_FIELDS
+        ):
+            raise Reject(431, b"Request Header Fields Too Large")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        exchange = self._route_request()
+        self.parsing = exchange
+        if self.active is None:
+            self.active = exchange
+            if exchange.expect_body:
+                self._set_deadline(DEADLINE_BODY, self._timeouts().idle)
+            else:
+                self._clear_deadline()
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            self.pause(PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        parsing = self.parsing
+        if parsing is not None:
+            parsing.request_body(body)
+
+    def on_message_complete(self) -> None:
+        parsing = self.parsing
+        if parsing is None:
+            return
+        if parsing.upgrade:
+            parsing.request_done = True  # the rest of the stream belongs to the tunnel
+            return
+        self.parsing = None
+        if self.deadline_kind == DEADLINE_BODY:
+            self._clear_deadline()
+        parsing.request_complete()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _route_request(self) -> Exchange:
+        """Validate the head, pick route, version and instance; build the upstream head."""
+        parser = self.parser
+        runtime = self.holder.current
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise Reject(505, b"HTTP Version Not Supported")
+        http11 = version == "1.1"
+        method = parser.get_method()
+        if method in REFUSED_METHODS:
+            raise Reject(405, b"Method Not Allowed")
+        url = self.url
+        if not url.startswith(b"/") and not (url == b"*" and method == b"OPTIONS"):
+            # Absolute-form would let the target's authority disagree with Host (RFC 9112 §3.2.2).
+            raise Reject(400, b"Bad Request: request target must be origin-form")
+        if b"#" in url:
+            raise Reject(400, b"Bad Request: fragment in request target")
+
+        host: bytes | None = None
+        hosts = 0
+        cookie: bytes | None = None
+        te: bytes | None = None
+        content_length: bytes | None = None
+        connection: list[bytes] | None = None
+        upgrade: bytes | None = None
+        expect: bytes | None = None
+        xff: bytes | None = None
+        lines: list[bytes] = []
+        append = lines.append
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == _HOST:
+                host = value
+                hosts += 1
+            elif lname in _CONSUMED:
+                if lname == _TE:
+                    te = value
+                elif lname == _CL:
+                    content_length = value
+                elif lname == _CONNECTION:
+                    connection = [value] if connection is None else [*connection, value]
+                elif lname == _UPGRADE:
+                    upgrade = value
+                elif lname == _EXPECT:
+                    expect = value
+                elif lname == _XFF:
+                    xff = value if xff is None else xff + b", " + value
+                continue
+            elif lname == _COOKIE:
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif b"_" in lname:
+                continue  # nginx `underscores_in_headers off`: X_Forwarded_For is not ours
+            append(name + b": " + value + _CRLF)
+
+        if hosts > 1 or (host is not None and not is_valid_host(host)):
+            raise Reject(400, b"Bad Request: invalid Host")
+        if host is None and http11:
+            raise Reject(400, b"Bad Request: missing Host")
+        if te is not None:
+            if not http11:
+                # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+                raise Reject(400, b"Bad Request: Transfer-Encoding in HTTP/1.0")
+            if te.lower() != b"chunked":
+                raise Reject(501, b"Not Implemented: transfer coding")
+        limit = runtime.config.limits.max_body_bytes
+        if limit and content_length is not None and int(content_length) > limit:
+            raise Reject(413, b"Content Too Large")
+        if connection is not None:
+            nominated = nominated_fields(connection)
+            if nominated:
+                lines = [line for line in lines if line.split(b":", 1)[0].lower() not in nominated]
+                append = lines.append
+
+        keep_alive = parser.should_keep_alive() and not self.server.draining
+        exchange = Exchange(
+            self,
+            runtime,
+            method=method,
+            http11=http11,
+            keep_alive=keep_alive,
+            started=self.loop.time(),
+        )
+        exchange.request_chunked = te is not None
+        exchange.expect_body = te is not None or content_length not in (None, b"0")
+        host_text = (host or b"").decode("latin-1")
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        matched = runtime.table.match(host_text, path)
+        route_rt = runtime.routes[matched.name] if matched is not None else None
+        if route_rt is None:
+            exchange.status = 404
+            exchange.local = plain_response(404, b"Not Found: no route", close=False)
+            return exchange
+        exchange.route = route_rt
+
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise Reject(417, b"Expectation Failed")
+            if http11 and exchange.expect_body:
+                self.write(_CONTINUE)
+
+        version_name = self._choose_version(route_rt, host_text, cookie)
+        exchange.version = version_name
+        pool = route_rt.canary if version_name == CANARY else route_rt.stable
+        assert pool is not None
+        exchange.pool = pool
+        instance = pool.pick(exchange.started)
+        if instance is None:
+            exchange.status = 503
+            exchange.local = plain_response(503, b"Service Unavailable", close=False)
+            return exchange
+        exchange.instance = instance
+
+        append(b"X-Forwarded-For: " + forwarded_for(xff, self.peer) + _CRLF)
+        append(_XFP)
+        if host is not None:
+            append(b"X-Forwarded-Host: " + host + _CRLF)
+        append(VIA)
+        if te is not None:
+            append(_CHUNKED)
+        elif content_length is not None:
+            append(b"Content-Length: " + content_length + _CRLF)
+        elif method in BODY_METHODS:
+            append(b"Content-Length: 0\r\n")
+        if upgrade is not None and parser.should_upgrade():
+            exchange.upgrade = True
+            append(b"Connection: upgrade\r\nUpgrade: " + upgrade + _CRLF)
+        append(_CRLF)
+        exchange.head = method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
+        return exchange
+
+    def _choose_version(self, route: RouteRuntime, host: str, cookie: bytes | None) -> str:
+        del host
+        if route.canary is None:
+            return STABLE
+        state = route.state
+        force: str | None = None
+        sticky: str | None = None
+        cookies = cookie.decode("latin-1") if cookie is not None and route.uses_cookies else None
+        if route.force_header is not None:
+            force = self._header_text(route.force_header)
+        if force is None and route.force_cookie is not None and cookies is not None:
+            force = cookie_value(cookies, route.force_cookie)
+        if route.sticky_header is not None:
+            sticky = self._header_text(route.sticky_header)
+        if sticky is None and route.sticky_cookie is not None and cookies is not None:
+            sticky = cookie_value(cookies, route.sticky_cookie)
+        return choose_version(
+            route.split,
+            weight_bp=state.weight_bp,
+            aborted=state.aborted,
+            force=force,
+            sticky_key=sticky,
+            rng=self.holder.rng,
+        )
+
+    def _header_text(self, lname: bytes) -> str | None:
+        for name, value in self.headers:
+            if len(name) == len(lname) and name.lower() == lname:
+                return value.decode("latin-1")
+        return None
+
+    # -- upgrade tunnel --------------------------------------------------------------------
+
+    def _upgrade_requested(self, tail: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None or not exchange.upgrade or exchange.local is not None:
+            # An upgrade we answered ourselves is never tunnelled, and the bytes after it are
+            # not trusted as a next request: close once the reply is out.
+            if exchange is not None and not exchange.response_done:
+                exchange.keep_alive = False
+            else:
+                self.close()
+            return
+        self.pause(PAUSE_UPGRADE)
+        exchange.tunnel_tail = tail
+
+    def start_tunnel(self, exchange: Exchange) -> None:
+        self.tunnel = exchange
+        self.parsing = None
+        self._clear_deadline()
+        self.unpause(PAUSE_UPGRADE)
+
+    # -- after a response ------------------------------------------------------------------
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if self.active is not exchange:
+            return
+        if exchange.status == 101:
+            return  # the connection is a tunnel now
+        self.active = None
+        if self.closed:
+            return
+        if not exchange.keep_alive or not exchange.request_done or self.server.draining:
+            self.close()
+            return
+        if self.pending_reject is not None and not self.queue:
+            self.reject(self.pending_reject)
+            return
+        if self.queue:
+            following = self.queue.popleft()
+            self.active = following
+            if not self.queue:
+                self.unpause(PAUSE_PIPELINE)
+            following.start()
+            return
+        self._set_deadline(DEADLINE_IDLE, self._timeouts().idle)
+        self.unpause(PAUSE_PIPELINE)
+
+    def timed_out(self) -> None:
+        kind = self.deadline_kind
+        self._clear_deadline()
+        if kind == DEADLINE_IDLE:
+            self.close()
+            return
+        if kind == DEADLINE_SEND:
+            self.abort()  # nginx `send_timeout`: the client stopped reading
+            return
+        active = self.active
+        if active is not None and active.response_started:
+            active._abort_both()
+            return
+        if active is not None:
+            active.keep_alive = False
+            active._drop_upstream()
+            active._reply_error(408, b"Request Timeout")
+            return
+        self.holder.outcomes.record_rejected(408)
+        self.write(plain_response(408, b"Request Timeout", close=True))
+        self.close()
+
+
+def _response_lines(
+    status: int, headers: list[tuple[bytes, bytes]]
+) -> tuple[list[bytes], bytes | None, bool]:
+    """Status line plus end-to-end fields; also the upstream's Content-Length and chunking."""
+    lines = [status_line(status, b"")]
+    content_length: bytes | None = None
+    chunked = False
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_CONSUMED:
+            if lname == _CL:
+                content_length = value
+            elif lname == _TE:
+                chunked = True
+            elif lname == _CONNECTION:
+                connection = [value] if connection is None else [*connection, value]
+            continue
+        lines.append(name + b": " + value + _CRLF)
+    if connection is not None and (nominated := nominated_fields(connection)):
+        lines = [lines[0]] + [
+            line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
+        ]
+    return lines, content_length, chunked
+
+
+def _parser_rejection(error: Exception) -> Reject:
+    text = str(error)
+    if "HTTP version" in text:
+        return Reject(505, b"HTTP Version Not Supported")
+    return Reject(400, b"Bad Request")
+
+
+class Server:
+    """Owns the listener, the open client connections and the deadline sweep."""
+
+    def __init__(self, holder: RuntimeHolder, loop: asyncio.AbstractEventLoop) -> None:
+        self.holder = holder
+        self.loop = loop
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._drained: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            lambda: ClientConnection(self),
+            host,
+            port,
+            reuse_address=True,
+            backlog=2048,
+        )
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+        address = self._server.sockets[0].getsockname()
+        return str(address[0]), int(address[1])
+
+    async def _sweep_forever(self) -> None:
+        last_pool_sweep = 0.0
+        while True:
+            timeouts = self.holder.current.config.timeouts
+            interval = min(0.5, max(0.02, min(timeouts.client_header, timeouts.idle) / 10))
+            await asyncio.sleep(interval)
+            now = self.loop.time()
+            self.sweep(now)
+            if now - last_pool_sweep >= 1.0:
+                last_pool_sweep = now
+                self._sweep_pools(now - timeouts.idle)
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.timed_out()
+            active = conn.active
+            if active is not None and active.response_deadline and now >= active.response_deadline:
+                active.response_timed_out()
+
+    def _sweep_pools(self, cutoff: float) -> None:
+        for route in self.holder.current.routes.values():
+            for pool in route.pools():
+                for instance in pool.instances:
+                    instance.close_idle_older_than(cutoff)
+
+    async def shutdown(self, drain_seconds: float) -> None:
+        """Stop accepting, let in-flight exchanges finish (bounded), then close the rest."""
+        self.draining = True
+        self._drained = asyncio.Event()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.is_idle():
+                conn.close()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_seconds):
+                    await self._drained.wait()
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self.holder.current.close_idle()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self._drained is not None and not self.connections:
+            self._drained.set()
