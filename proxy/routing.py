@@ -19,6 +19,10 @@ FORCE_STABLE: Final = "never"
 # RFC 6265 §5.2: cookie names and values are trimmed of WSP (space and horizontal tab) only.
 _WSP: Final = " \t"
 
+# Distinct raw Host values remembered per table. Real traffic carries a handful; the cap keeps
+# a client sending random hosts from growing memory (those just skip the cache).
+HOST_CACHE_SIZE: Final = 1024
+
 _Entry = tuple[str, Route]  # (path_prefix, route), in config order
 
 
@@ -29,23 +33,24 @@ def normalize_host(host: str) -> str:
     address (invalid in a Host header, but written so in configs) gets them added.
     """
     h = host.lower()
-    if h[:1] == "[":
+    if h.startswith("["):
         end = h.find("]")
         # An unterminated literal is malformed; left whole it can match no configured host.
         return h if end < 0 else h[: end + 1]
-    colon = h.find(":")
-    if colon >= 0:
-        if h.find(":", colon + 1) >= 0:
-            return f"[{h}]"
-        h = h[:colon]
+    name, colon, port = h.partition(":")
+    if colon and ":" in port:
+        return f"[{h}]"
     # `shop.example.com.` is the same fully qualified name; nginx strips the dot too.
-    return h[:-1] if h[-1:] == "." else h
+    return name[:-1] if name.endswith(".") else name
 
 
 class RouteTable:
-    """The routes of one config, indexed once so `match` is a dict lookup and a short scan."""
+    """The routes of one config, indexed once so `match` is a dict lookup and a short scan.
 
-    __slots__ = ("_any_host", "_by_host", "routes")
+    The only state that changes is a bounded memo of raw Host values; answers never do.
+    """
+
+    __slots__ = ("_any_host", "_by_host", "_seen_hosts", "routes")
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = routes
@@ -62,22 +67,29 @@ class RouteTable:
             for host, _ in keyed
             if host is not None
         }
+        # Raw Host header -> candidate entries: normalizing costs ~20x a dict hit.
+        self._seen_hosts: dict[str, tuple[_Entry, ...]] = {}
 
     def match(self, host: str, path: str) -> Route | None:
         """The first route whose host (if any) and path prefix match; None means 404.
 
         `host` is the raw Host header value; `path` is the request path.
         """
-        # Without host routes the Host header cannot matter; skip normalizing it.
-        entries = (
-            self._by_host.get(normalize_host(host), self._any_host)
-            if self._by_host
-            else self._any_host
-        )
+        entries = self._any_host
+        # Without host routes the Host header cannot matter; skip looking at it.
+        if self._by_host:
+            seen = self._seen_hosts.get(host)
+            entries = self._entries_for(host) if seen is None else seen
         for prefix, route in entries:
             if path.startswith(prefix):
                 return route
         return None
+
+    def _entries_for(self, host: str) -> tuple[_Entry, ...]:
+        entries = self._by_host.get(normalize_host(host), self._any_host)
+        if len(self._seen_hosts) < HOST_CACHE_SIZE:
+            self._seen_hosts[host] = entries
+        return entries
 
 
 def choose_version(

@@ -17,6 +17,8 @@ import httptools
 
 from proxy.config import Timeouts
 from proxy.headers import (
+    REQUEST_DROP,
+    RESPONSE_DROP,
     VIA,
     forwarded_for,
     is_valid_host,
@@ -48,7 +50,7 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 REFUSED_METHODS: Final = frozenset({b"CONNECT", b"TRACE"})
 
-# Request fields handled here rather than copied verbatim (see headers.REQUEST_DROP for why).
+# Request fields the routing pass looks at (headers.REQUEST_DROP says which are not copied).
 _HOST: Final = b"host"
 _COOKIE: Final = b"cookie"
 _TE: Final = b"transfer-encoding"
@@ -57,39 +59,6 @@ _CONNECTION: Final = b"connection"
 _UPGRADE: Final = b"upgrade"
 _EXPECT: Final = b"expect"
 _XFF: Final = b"x-forwarded-for"
-_CONSUMED: Final = frozenset(
-    {
-        _TE,
-        _CL,
-        _CONNECTION,
-        _UPGRADE,
-        _EXPECT,
-        _XFF,
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    }
-)
-_RESPONSE_CONSUMED: Final = frozenset(
-    {
-        _TE,
-        _CL,
-        _CONNECTION,
-        _UPGRADE,
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -785,7 +754,7 @@ class ClientConnection(asyncio.Protocol):
             if lname == _HOST:
                 host = value
                 hosts += 1
-            elif lname in _CONSUMED:
+            elif lname in REQUEST_DROP:
                 if lname == _TE:
                     te = value
                 elif lname == _CL:
@@ -992,7 +961,7 @@ def _response_lines(
     connection: list[bytes] | None = None
     for name, value in headers:
         lname = name.lower()
-        if lname in _RESPONSE_CONSUMED:
+        if lname in RESPONSE_DROP:
             if lname == _CL:
                 content_length = value
             elif lname == _TE:

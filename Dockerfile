@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# canary-proxy: slim runtime image, non-root, dependencies in their own cached layer.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# Dependencies first: this layer is reused until pyproject.toml changes. Binary wheels only
+# (aiohttp's pure-Python parser is never installed).
+COPY pyproject.toml README.md ./
+RUN mkdir proxy && touch proxy/__init__.py \
+ && pip install --no-cache-dir --only-binary=:all: . \
+ && pip uninstall -y canary-proxy
+COPY proxy ./proxy
+RUN pip install --no-cache-dir --no-deps .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/canary-proxy --create-home canary
+COPY --from=build /opt/venv /opt/venv
+# The example config, made to listen on every interface and keep state in the user's home.
+# Mount your own at /etc/canary-proxy/proxy.yaml.
+COPY config/proxy.yaml /etc/canary-proxy/proxy.yaml
+RUN sed -i -e 's|^listen: "127.0.0.1:8080"|listen: "0.0.0.0:8080"|' \
+           -e 's|^state_dir: ./state|state_dir: /var/lib/canary-proxy/state|' \
+        /etc/canary-proxy/proxy.yaml \
+ && grep -q '^listen: "0.0.0.0:8080"' /etc/canary-proxy/proxy.yaml
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CANARY_PROXY_CONFIG=/etc/canary-proxy/proxy.yaml
+USER canary
+WORKDIR /var/lib/canary-proxy
+EXPOSE 8080 9901
+# Liveness through the admin listener's /healthz (served once the admin API lands); until then
+# the data port answering at all is the signal.
+HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
+  CMD python -c "import socket; socket.create_connection(('127.0.0.1', 8080), 1).close()"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["canary-proxy"]
+CMD ["run"]
