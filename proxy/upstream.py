@@ -6,11 +6,14 @@ llhttp response Protocol that feeds an exchange.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Final, Protocol, cast
 
 import httptools
 
 from proxy.config import Upstream
+
+log = logging.getLogger("canary_proxy")
 
 # An instance that refused a connection is skipped for this long (nginx's `fail_timeout` idea,
 # shorter: a canary restarting should get traffic back quickly).
@@ -216,7 +219,8 @@ class UpstreamConnection(asyncio.Protocol):
             if isinstance(error.__context__, _HeadResponseDone):
                 self._finish_head_response(data)
             else:
-                raise
+                log.error("internal error on an upstream response", exc_info=error.__context__)
+                self._fail("protocol")
         except httptools.HttpParserError:
             self._fail("protocol")
         finally:

@@ -1,0 +1,497 @@
+"""The exchange: one client request paired with one upstream response — connect or reuse,
+stream the body both ways with backpressure, frame the response, fail cleanly, record once.
+
+It is driven entirely by callbacks from the two Protocols (`server.ClientConnection` and
+`upstream.UpstreamConnection`); only opening a new upstream connection is awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Final
+
+from proxy.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
+from proxy.runtime import STABLE, RouteRuntime, Runtime
+from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
+
+if TYPE_CHECKING:
+    from proxy.server import ClientConnection
+
+log = logging.getLogger("canary_proxy")
+
+# Why the client transport is paused; reading resumes only when no reason is left.
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one before it
+PAUSE_CONNECTING: Final = 2  # body bytes wait for the upstream connection
+PAUSE_BACKPRESSURE: Final = 4  # the upstream is not draining what we write
+PAUSE_UPGRADE: Final = 8  # tunnel bytes wait for the upstream's 101
+
+# RFC 9110 §9.2.2: only these may be retried automatically (TRACE is refused outright).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+
+_TE: Final = b"transfer-encoding"
+_CL: Final = b"content-length"
+_CONNECTION: Final = b"connection"
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+_CLOSE: Final = b"Connection: close\r\n"
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+
+
+class Reject(Exception):
+    """A request the proxy answers itself and then closes the connection for."""
+
+    def __init__(self, status: int, message: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.message = message
+
+
+class Exchange:
+    """One request/response pair: routed at head time, streamed both ways, recorded once."""
+
+    __slots__ = (
+        "body_bytes",
+        "client",
+        "client_gone",
+        "connect_task",
+        "expect_body",
+        "head",
+        "http11",
+        "instance",
+        "keep_alive",
+        "local",
+        "method",
+        "pending",
+        "pool",
+        "request_chunked",
+        "request_done",
+        "response_chunked",
+        "response_deadline",
+        "response_done",
+        "response_started",
+        "retried",
+        "reused",
+        "route",
+        "runtime",
+        "started",
+        "status",
+        "tunnel_tail",
+        "upgrade",
+        "upstream",
+        "version",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        runtime: Runtime,
+        *,
+        method: bytes,
+        http11: bool,
+        keep_alive: bool,
+        started: float,
+    ) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.method = method
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.started = started
+        self.route: RouteRuntime | None = None
+        self.version = STABLE
+        self.pool: VersionPool | None = None
+        self.instance: Instance | None = None
+        self.head = b""
+        self.local: bytes | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.pending: list[bytes] | None = None
+        self.request_chunked = False
+        self.request_done = False
+        self.body_bytes = 0
+        self.upgrade = False
+        self.response_started = False
+        self.response_done = False
+        self.response_chunked = False
+        self.response_deadline = 0.0
+        self.status = 0
+        self.retried = False
+        self.reused = False
+        self.client_gone = False
+        self.expect_body = False
+        self.tunnel_tail = b""
+
+    # -- starting --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.local is not None:
+            self._respond_local(self.local)
+            return
+        instance = self.instance
+        assert instance is not None
+        upstream = instance.take_idle()
+        if upstream is not None:
+            self._attach(upstream, reused=True)
+        else:
+            self._connect()
+
+    def _respond_local(self, response: bytes) -> None:
+        if self.expect_body and not self.request_done:
+            self.keep_alive = False  # we will not read the rest of the body
+        else:
+            self.request_done = True  # bodiless: complete at its head
+        self.response_started = True
+        self.client.write(response)
+        self._finish()
+
+    def _connect(self) -> None:
+        self.client.pause(PAUSE_CONNECTING)
+        if self.pending is None:
+            self.pending = []
+        self.connect_task = self.client.loop.create_task(self._open_connection())
+
+    async def _open_connection(self) -> None:
+        loop = self.client.loop
+        instance = self.instance
+        while instance is not None:
+            try:
+                upstream = await self._dial(instance)
+            except TimeoutError:
+                self._fail_before_response(504, b"Gateway Timeout", "timeout")
+                return
+            except ConnectionRefusedError:
+                # Nothing was sent: another instance of the same version may take it.
+                now = loop.time()
+                instance.down_until = now + COOL_DOWN_SECONDS
+                assert self.pool is not None
+                instance = self.instance = self.pool.pick(now)
+                continue
+            except OSError:
+                self._fail_before_response(502, b"Bad Gateway", "connect")
+                return
+            self.connect_task = None
+            if self.client_gone:
+                upstream.close()
+            else:
+                self._attach(upstream, reused=False)
+            return
+        self._fail_before_response(502, b"Bad Gateway", "connect")
+
+    async def _dial(self, instance: Instance) -> UpstreamConnection:
+        async with asyncio.timeout(self.runtime.config.timeouts.connect):
+            _, upstream = await self.client.loop.create_connection(
+                lambda: UpstreamConnection(instance), instance.host, instance.port
+            )
+        return upstream
+
+    def _attach(self, upstream: UpstreamConnection, *, reused: bool) -> None:
+        self.upstream = upstream
+        self.reused = reused
+        upstream.bind(self, no_body=self.method == b"HEAD")
+        upstream.write(self.head)
+        pending = self.pending
+        if pending:
+            self.pending = None
+            for chunk in pending:
+                self._send_body(upstream, chunk)
+        else:
+            self.pending = None
+        if self.request_done:
+            self._request_sent(upstream)
+        self.client.unpause(PAUSE_CONNECTING)
+
+    # -- request body ----------------------------------------------------------------------
+
+    def request_body(self, chunk: bytes) -> None:
+        self.body_bytes += len(chunk)
+        limit = self.runtime.config.limits.max_body_bytes
+        if limit and self.body_bytes > limit:
+            self._body_too_large()
+            return
+        if self.local is not None or self.response_done:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self._send_body(upstream, chunk)
+        elif self.pending is not None:
+            self.pending.append(chunk)
+        else:
+            self.pending = [chunk]
+
+    def _send_body(self, upstream: UpstreamConnection, chunk: bytes) -> None:
+        if self.request_chunked:
+            upstream.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+        else:
+            upstream.write(chunk)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        upstream = self.upstream
+        if upstream is not None and not self.response_done:
+            self._request_sent(upstream)
+
+    def _request_sent(self, upstream: UpstreamConnection) -> None:
+        if self.request_chunked:
+            upstream.write(_LAST_CHUNK)
+        if not self.response_started:
+            self.response_deadline = (
+                self.client.loop.time() + self.runtime.config.timeouts.response_header
+            )
+
+    def _body_too_large(self) -> None:
+        if self.response_started:
+            self._abort_both()
+            return
+        self.keep_alive = False
+        self._drop_upstream()
+        self._reply_error(413, b"Content Too Large")
+
+    # -- upstream callbacks ----------------------------------------------------------------
+
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status < 200:
+            self._interim(status, headers)
+            return
+        self.response_deadline = 0.0
+        self.status = status
+        self.response_started = True
+        self.client.write(self._response_head(status, headers))
+
+    def _interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 101:
+            if not self.upgrade:
+                return  # an unrequested switch: upstream_upgraded turns it into a 502
+            self.status = 101
+            self.response_deadline = 0.0
+            self.response_started = True
+            lines = [status_line(101, b"")]
+            lines.extend(name + b": " + value + _CRLF for name, value in headers)
+            lines.append(_CRLF)
+            self.client.write(b"".join(lines))
+        elif status != 100 and self.http11:
+            # RFC 9110 §15.2: a proxy forwards 1xx (e.g. 103 Early Hints); 100 is ours to send.
+            lines, _, _ = _response_lines(status, headers)
+            lines.append(_CRLF)
+            self.client.write(b"".join(lines))
+
+    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        lines, content_length, chunked = _response_lines(status, headers)
+        no_body = self.method == b"HEAD" or status == 304
+        if status == 204:
+            pass  # RFC 9110 §8.6: no Content-Length in a 204
+        elif content_length is not None and (no_body or not chunked):
+            lines.append(b"Content-Length: " + content_length + _CRLF)
+        elif not no_body:
+            if self.http11:
+                self.response_chunked = True
+                lines.append(_CHUNKED)
+            else:
+                self.keep_alive = False  # close-delimited for an HTTP/1.0 client
+        if self.upgrade or self.client.server.draining:
+            self.keep_alive = False  # a refused upgrade leaves the request stream unusable
+        if not self.keep_alive:
+            lines.append(_CLOSE)
+        elif not self.http11:
+            lines.append(_KEEP_ALIVE)
+        lines.append(_CRLF)
+        return b"".join(lines)
+
+    def upstream_body(self, chunk: bytes) -> None:
+        if self.response_chunked:
+            self.client.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+        else:
+            self.client.write(chunk)
+
+    def upstream_complete(self, reusable: bool) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if self.response_chunked:
+            self.client.write(_LAST_CHUNK)
+        if upstream is not None:
+            assert self.instance is not None
+            if reusable and self.request_done and not self.client_gone:
+                upstream.detach()
+                self.instance.put_idle(upstream, self.client.loop.time())
+            else:
+                upstream.close()
+        self.response_done = True
+        self._finish()
+
+    def upstream_upgraded(self, tail: bytes) -> None:
+        if self.status != 101:
+            self._drop_upstream()
+            self.upstream_failed("protocol", True)
+            return
+        self.client.start_tunnel(self)
+        if tail:
+            self.client.write(tail)
+        if self.tunnel_tail and self.upstream is not None:
+            self.upstream.write(self.tunnel_tail)
+            self.tunnel_tail = b""
+        self._record()
+
+    def batch_begin(self) -> None:
+        self.client.cork()
+
+    def batch_end(self) -> None:
+        self.client.uncork()
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def client_tunnel_data(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.write(data)
+
+    def upstream_failed(self, kind: str, got_response: bool) -> None:
+        self.upstream = None
+        if self.client_gone or self.response_done:
+            return
+        if self.status == 101:
+            self.client.close()  # tunnel closed by the upstream
+            return
+        if self._may_retry(kind, got_response):
+            self.retried = True
+            self._connect()
+            return
+        self._record_upstream_error(kind)
+        if self.response_started:
+            self.status = 502  # truncated response: the client sees an aborted message
+            self._abort_both()
+        elif kind == "timeout":
+            self._reply_error(504, b"Gateway Timeout")
+        else:
+            self._reply_error(502, b"Bad Gateway")
+
+    def _may_retry(self, kind: str, got_response: bool) -> bool:
+        # A pooled connection the upstream closed while idle (RFC 9112 §9.3.1): replay once, and
+        # only what is safe to replay (RFC 9110 §9.2.2): idempotent, bodiless, nothing received.
+        return (
+            kind == "reset"
+            and self.reused
+            and not got_response
+            and not self.retried
+            and self.request_done
+            and self.body_bytes == 0
+            and self.method in IDEMPOTENT
+        )
+
+    def upstream_pause_writing(self) -> None:
+        self.client.pause(PAUSE_BACKPRESSURE)
+
+    def upstream_resume_writing(self) -> None:
+        self.client.unpause(PAUSE_BACKPRESSURE)
+
+    # -- failures --------------------------------------------------------------------------
+
+    def _fail_before_response(self, status: int, message: bytes, kind: str) -> None:
+        self.connect_task = None
+        if self.client_gone:
+            return
+        self._record_upstream_error(kind)
+        self.client.unpause(PAUSE_CONNECTING)
+        self._reply_error(status, message)
+
+    def response_timed_out(self) -> None:
+        self.response_deadline = 0.0
+        self._record_upstream_error("timeout")
+        self._drop_upstream()
+        self._reply_error(504, b"Gateway Timeout")
+
+    def _reply_error(self, status: int, message: bytes) -> None:
+        self.status = status
+        if not self.request_done:
+            self.keep_alive = False
+        close = not self.keep_alive or self.client.server.draining
+        self.keep_alive = not close
+        self.response_started = True
+        self.response_done = True
+        self.client.write(plain_response(status, message, close=close))
+        self._finish()
+
+    def abandon(self, status: int, message: bytes) -> None:
+        """The request body is malformed: the upstream never gets a complete message (its
+        connection is aborted mid-body), the client gets `status` if nothing was sent yet."""
+        self.keep_alive = False
+        self.client.holder.outcomes.record_rejected(status)
+        if self.response_started:
+            self._abort_both()
+            return
+        self._drop_upstream()
+        self.client.unpause(PAUSE_CONNECTING)
+        self._reply_error(status, message)
+
+    def _drop_upstream(self) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
+        task = self.connect_task
+        self.connect_task = None
+        if task is not None:
+            task.cancel()
+
+    def _abort_both(self) -> None:
+        self._drop_upstream()
+        self.response_done = True
+        self.keep_alive = False
+        self._record()
+        self.client.abort()
+
+    def client_lost(self) -> None:
+        """The client went away: cancel the upstream exchange and count it as 499."""
+        if self.response_done or self.client_gone:
+            return
+        self.client_gone = True
+        self._drop_upstream()
+        if self.status != 101:
+            self.status = 499
+            self._record()
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def _record_upstream_error(self, kind: str) -> None:
+        route = self.route
+        if route is not None:
+            self.client.holder.outcomes.record_upstream_error(route.name, self.version, kind)
+
+    def _record(self) -> None:
+        route = self.route
+        outcomes = self.client.holder.outcomes
+        if route is None:
+            outcomes.record_rejected(self.status)
+        else:
+            outcomes.record(route.name, self.version, self.status)
+
+    def _finish(self) -> None:
+        self.response_done = True
+        self._record()
+        self.client.exchange_finished(self)
+
+
+def _response_lines(
+    status: int, headers: list[tuple[bytes, bytes]]
+) -> tuple[list[bytes], bytes | None, bool]:
+    """Status line plus end-to-end fields; also the upstream's Content-Length and chunking."""
+    lines = [status_line(status, b"")]
+    content_length: bytes | None = None
+    chunked = False
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in RESPONSE_DROP:
+            if lname == _CL:
+                content_length = value
+            elif lname == _TE:
+                chunked = True
+            elif lname == _CONNECTION:
+                connection = [value] if connection is None else [*connection, value]
+            continue
+        lines.append(name + b": " + value + _CRLF)
+    if connection is not None and (nominated := nominated_fields(connection)):
+        lines = [lines[0]] + [
+            line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
+        ]
+    return lines, content_length, chunked
