@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from proxy.bucketing import BUCKETS, bucket
 from proxy.config import KeySource, Match, Route, Split, Version
 from proxy.routing import (
+    HOST_CACHE_SIZE,
     RouteTable,
     choose_version,
     cookie_value,
@@ -124,6 +125,18 @@ def test_no_matching_route_gives_none() -> None:
     assert table.match("cart.example.com", "/shop") is None
 
 
+def test_a_flood_of_distinct_hosts_neither_grows_the_table_nor_changes_answers() -> None:
+    static = _route("static", prefix="/static")
+    shop = _route("shop", host="shop.example.com")
+    table = RouteTable((static, shop))
+    for i in range(HOST_CACHE_SIZE + 100):
+        assert table.match(f"junk-{i}.example.com", "/cart") is None
+    assert table.match("SHOP.example.com:8080", "/cart") is shop  # computed, cache is full
+    assert table.match("junk-3.example.com", "/static/a") is static  # remembered
+    assert table.match("junk-3.example.com", "/cart") is None
+    assert len(table._seen_hosts) == HOST_CACHE_SIZE
+
+
 @given(
     specs=st.lists(
         st.tuples(
@@ -148,7 +161,9 @@ def test_the_indexed_table_agrees_with_a_first_match_linear_scan(
         ),
         None,
     )
-    assert RouteTable(routes).match(host, path) is expected
+    table = RouteTable(routes)
+    assert table.match(host, path) is expected
+    assert table.match(host, path) is expected  # and again, from the host memo
 
 
 # --- version decision -------------------------------------------------------------------
@@ -357,6 +372,25 @@ def test_cookie_value_reads_one_cookie_from_a_cookie_header(
     header: str, expected: str | None
 ) -> None:
     assert cookie_value(header, "uid") == expected
+
+
+def _cookie_value_by_splitting(cookie_header: str, name: str) -> str | None:
+    """The obvious RFC 6265 §5.2-style parse, as an oracle for the scanning implementation."""
+    for pair in cookie_header.split(";"):
+        key, eq, value = pair.partition("=")
+        if eq and key.strip(" \t") == name:
+            value = value.strip(" \t")
+            quoted = len(value) >= 2 and value.startswith('"') and value.endswith('"')
+            return value[1:-1] if quoted else value
+    return None
+
+
+@given(
+    header=st.text(alphabet='uidx=; \t"1', max_size=40),
+    name=st.sampled_from(["uid", "u", "id", "x"]),
+)
+def test_cookie_value_agrees_with_splitting_the_header_into_pairs(header: str, name: str) -> None:
+    assert cookie_value(header, name) == _cookie_value_by_splitting(header, name)
 
 
 def test_request_key_prefers_the_header_over_the_cookie() -> None:
