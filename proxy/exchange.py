@@ -241,6 +241,7 @@ class Exchange:
             )
 
     def _body_too_large(self) -> None:
+        self.client.holder.outcomes.record_rejected(413)
         if self.response_started:
             self._abort_both()
             return
@@ -284,6 +285,8 @@ class Exchange:
         elif content_length is not None and (no_body or not chunked):
             lines.append(b"Content-Length: " + content_length + _CRLF)
         elif not no_body:
+            if not chunked and self.upstream is not None:
+                self.upstream.until_close = True
             if self.http11:
                 self.response_chunked = True
                 lines.append(_CHUNKED)

@@ -112,6 +112,7 @@ class RuntimeHolder:
         self.states: dict[str, RouteState] = {}
         self._generation = 0
         self.current = self._build(config)
+        self.states = {name: route.state for name, route in self.current.routes.items()}
 
     def _build(self, config: Config) -> Runtime:
         states = {route.name: self._state_for(route) for route in config.routes}

@@ -43,6 +43,10 @@ DEADLINE_IDLE: Final = 1  # keep-alive idle between requests: close silently
 DEADLINE_HEADER: Final = 2  # request head must arrive in time: 408
 DEADLINE_BODY: Final = 3  # request body must keep flowing: 408
 DEADLINE_SEND: Final = 4  # the client must keep reading our response: abort
+DEADLINE_LINGER: Final = 5  # end of a lingering close: abort
+
+# How long unread client bytes are drained after an error reply before the socket closes.
+LINGER_SECONDS: Final = 2.0
 
 MAX_HEADER_FIELDS: Final = 100  # Envoy's and HAProxy's default field cap; more is a 431
 
@@ -88,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Exchange | None = None
         self.pending_reject: Reject | None = None
         self.closed = False
+        self.lingering = False
         self.corked: list[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -161,10 +166,30 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.corked = None
-        if not self.closed:
+        if not self.closed or self.lingering:
             self.closed = True
+            self.lingering = False
             assert self.transport is not None
             self.transport.abort()
+
+    def close_lingering(self) -> None:
+        """Close after a reply while the client may still be sending (a body we refused, a
+        head we stopped reading). Closing with unread input makes the kernel send a reset,
+        which can destroy our reply in flight; so half-close, then read and discard for a
+        moment first (RFC 9112 §9.6; nginx `lingering_close`)."""
+        if self.closed:
+            return
+        self.uncork()
+        assert self.transport is not None
+        if not self.transport.can_write_eof():
+            self.close()
+            return
+        self.closed = True
+        self.lingering = True
+        self.transport.write_eof()
+        self.paused = 0
+        self.transport.resume_reading()
+        self._set_deadline(DEADLINE_LINGER, LINGER_SECONDS)
 
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
@@ -197,6 +222,8 @@ class ClientConnection(asyncio.Protocol):
     # -- bytes in --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # discarded: see close_lingering
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.client_tunnel_data(data)
@@ -257,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.holder.outcomes.record_rejected(rejection.status)
         self.write(plain_response(rejection.status, rejection.message, close=True))
-        self.close()
+        self.close_lingering()
 
     # -- llhttp callbacks ------------------------------------------------------------------
 
@@ -435,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
         append(_XFP)
         if host is not None:
             append(b"X-Forwarded-Host: " + host + _CRLF)
+        else:
+            append(b"Host: " + instance.authority + _CRLF)
         append(VIA)
         if te is not None:
             append(_CHUNKED)
@@ -511,7 +540,10 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         if self.closed:
             return
-        if not exchange.keep_alive or not exchange.request_done or self.server.draining:
+        if not exchange.request_done:
+            self.close_lingering()
+            return
+        if not exchange.keep_alive or self.server.draining:
             self.close()
             return
         if self.pending_reject is not None and not self.queue:
@@ -533,8 +565,8 @@ class ClientConnection(asyncio.Protocol):
         if kind == DEADLINE_IDLE:
             self.close()
             return
-        if kind == DEADLINE_SEND:
-            self.abort()  # nginx `send_timeout`: the client stopped reading
+        if kind in (DEADLINE_SEND, DEADLINE_LINGER):
+            self.abort()  # the client stopped reading (nginx `send_timeout`), or lingered enough
             return
         active = self.active
         if active is not None and active.response_started:
@@ -547,7 +579,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.holder.outcomes.record_rejected(408)
         self.write(plain_response(408, b"Request Timeout", close=True))
-        self.close()
+        self.close_lingering()
 
 
 def _parser_rejection(error: Exception) -> Reject:

@@ -48,12 +48,16 @@ class _HeadResponseDone(Exception):
 class Instance:
     """One upstream instance: its idle connection pool and its cool-down."""
 
-    __slots__ = ("down_until", "host", "idle", "port", "url")
+    __slots__ = ("authority", "down_until", "host", "idle", "port", "url")
 
     def __init__(self, upstream: Upstream) -> None:
         self.url = upstream.url
         self.host = upstream.host
         self.port = upstream.port
+        # The Host an HTTP/1.0 client without one gets (RFC 9112 §3.2: 1.1 requires Host).
+        self.authority = (
+            upstream.host if upstream.port == 80 else f"{upstream.host}:{upstream.port}"
+        ).encode("idna")
         self.idle: list[UpstreamConnection] = []
         self.down_until = 0.0
 
@@ -125,6 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
         "instance",
         "reused",
         "transport",
+        "until_close",
     )
 
     def __init__(self, instance: Instance) -> None:
@@ -138,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.expect_no_body = False
         self.got_response = False
+        self.until_close = False
         self.idle_since = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -149,14 +155,21 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         exchange = self.exchange
-        if exchange is not None:
-            self.exchange = None
-            exchange.upstream_failed("reset", self.got_response)
+        if exchange is None:
+            return
+        if self.until_close and exc is None:
+            # A response with neither Content-Length nor chunking ends when the connection
+            # does (RFC 9112 §6.3 rule 8); llhttp has no end-of-input call to say so.
+            self._complete(False)
+            return
+        self.exchange = None
+        exchange.upstream_failed("reset", self.got_response)
 
     def bind(self, exchange: ResponseListener, *, no_body: bool) -> None:
         self.exchange = exchange
         self.expect_no_body = no_body
         self.got_response = False
+        self.until_close = False
 
     def detach(self) -> None:
         self.exchange = None
