@@ -1,0 +1,419 @@
+"""`make bench`: canary-proxy side by side with the direct upstream, nginx and HAProxy.
+
+One upstream (nginx, one worker) and wrk share the load core; each proxy under test has the
+proxy core to itself. Rounds are interleaved across targets; the table shows medians.
+See benchmarks/README.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+import report
+import toolchain
+import wrk
+from processes import ProcessFailed, ensure_alive
+from report import Summary
+from scenarios import SCENARIOS, Scenario
+from targets import (
+    DISPLAY_NAMES,
+    TARGET_KEYS,
+    Host,
+    SmokeFailed,
+    Target,
+    TargetKey,
+    problem_lines,
+    smoke_check,
+    start_target,
+    start_upstream,
+)
+
+HERE: Final = Path(__file__).resolve().parent
+ROOT: Final = HERE.parent
+RESULTS: Final = HERE / "results"
+STICKY_SCRIPT: Final = HERE / "sticky.lua"
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+_ALIASES: Final[dict[str, TargetKey]] = {"canary-proxy": "proxy", "canary": "proxy"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    scenarios: tuple[Scenario, ...]
+    targets: tuple[TargetKey, ...]
+    rounds: int
+    duration: int  # wrk takes whole seconds
+    warmup: int
+    connections: int
+    load_cpu: int
+    proxy_cpu: int
+    keep_workdir: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScenarioResult:
+    scenario: Scenario
+    summaries: tuple[Summary, ...]
+    rounds: dict[str, list[wrk.WrkReport]]
+    proxy_log: list[str]  # warnings and errors canary-proxy logged during the scenario
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
+    names = ", ".join(s.name for s in SCENARIOS)
+    keys = ", ".join(TARGET_KEYS)
+    parser.add_argument("--scenario", default="all", help=f"comma list of {names} (default all)")
+    parser.add_argument("--only", default="", help=f"comma list of targets: {keys}")
+    parser.add_argument("--skip", default="", help="comma list of targets to leave out")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted seconds before each")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument("--load-cpu", type=int, default=0, help="core for wrk and the upstream")
+    parser.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None) -> Options:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = Options(
+            scenarios=_scenarios(args.scenario),
+            targets=_targets(args.only, args.skip),
+            rounds=args.rounds,
+            duration=args.duration,
+            warmup=args.warmup,
+            connections=args.connections,
+            load_cpu=args.load_cpu,
+            proxy_cpu=args.proxy_cpu,
+            keep_workdir=args.keep_workdir,
+        )
+        _validate(options)
+    except ValueError as error:
+        parser.error(str(error))
+    return options
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _scenarios(text: str) -> tuple[Scenario, ...]:
+    wanted = {s.name for s in SCENARIOS} if text == "all" else set(_split(text))
+    unknown = wanted - {s.name for s in SCENARIOS}
+    if unknown:
+        raise ValueError(f"unknown scenario: {', '.join(sorted(unknown))}")
+    return tuple(s for s in SCENARIOS if s.name in wanted)
+
+
+def _targets(only: str, skip: str) -> tuple[TargetKey, ...]:
+    chosen = _target_keys(only) if only else set(TARGET_KEYS)
+    chosen -= _target_keys(skip)
+    return tuple(key for key in TARGET_KEYS if key in chosen)
+
+
+def _target_keys(text: str) -> set[TargetKey]:
+    keys: set[TargetKey] = set()
+    for name in _split(text):
+        key = _ALIASES.get(name) or next((k for k in TARGET_KEYS if k == name), None)
+        if key is None:
+            raise ValueError(f"unknown target {name!r}: choose from {', '.join(TARGET_KEYS)}")
+        keys.add(key)
+    return keys
+
+
+def _validate(options: Options) -> None:
+    if not options.scenarios or not options.targets:
+        raise ValueError("nothing to run: no scenario or no target left")
+    if options.rounds < 1 or options.connections < 1:
+        raise ValueError("--rounds and --connections must be at least 1")
+    if options.duration < 1 or options.warmup < 0:
+        raise ValueError("--duration must be at least 1 and --warmup not negative")
+    usable = os.sched_getaffinity(0)
+    for cpu in (options.load_cpu, options.proxy_cpu):
+        if cpu not in usable:
+            raise ValueError(f"core {cpu} is not usable here (usable: {sorted(usable)})")
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_options(argv)
+    # Both signals unwind through the ExitStacks, which stop every process we started. SIGINT
+    # is set explicitly because a shell starts background jobs with it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    try:
+        return _run(options)
+    except toolchain.MissingTools as missing:
+        print(f"bench: {missing}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every process it started is stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ProcessFailed, SmokeFailed, wrk.WrkFailed, subprocess.SubprocessError) as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(options: Options) -> int:
+    tools = toolchain.ensure(_required_tools(options.targets))
+    started = datetime.now(UTC)
+    machine = _machine(tools)
+    print(_header(started, machine, options), flush=True)
+    with ExitStack() as stack:
+        host = _host(stack, tools, options)
+        upstream = start_upstream(stack, host)
+        results = [
+            _run_scenario(host, upstream, scenario, options) for scenario in options.scenarios
+        ]
+    _write_results(started, machine, options, results)
+    return EXIT_OK
+
+
+def _required_tools(targets: Sequence[TargetKey]) -> list[str]:
+    return ["taskset", "wrk", "nginx", *(["haproxy"] if "haproxy" in targets else [])]
+
+
+def _host(stack: ExitStack, tools: dict[str, str], options: Options) -> Host:
+    workdir = Path(tempfile.mkdtemp(prefix="canary-bench-"))
+    workdir.chmod(0o755)  # nginx workers run as `nobody` and read the 64 KB file in here
+    if options.keep_workdir:
+        print(f"work dir (kept): {workdir}")
+    else:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # runs after the stops
+    return Host(
+        tools=tools,
+        workdir=workdir,
+        canary_proxy=_canary_proxy_script(),
+        proxy_cpu=options.proxy_cpu,
+        load_cpu=options.load_cpu,
+    )
+
+
+def _canary_proxy_script() -> Path:
+    for candidate in (
+        Path(sys.executable).parent / "canary-proxy",
+        ROOT / ".venv/bin/canary-proxy",
+    ):
+        if candidate.exists():
+            return candidate
+    raise toolchain.MissingTools("no canary-proxy script in the venv: run `make test` first")
+
+
+def _run_scenario(
+    host: Host, upstream: Target, scenario: Scenario, options: Options
+) -> ScenarioResult:
+    print(f"\n## {scenario.name}: {scenario.description}", flush=True)
+    with ExitStack() as stack:
+        targets = [start_target(stack, host, key, scenario, upstream) for key in options.targets]
+        for target in targets:
+            smoke_check(target, scenario)
+        rounds = _interleaved_rounds(host, targets, scenario, options)
+        proxy_log = [line for t in targets if t.name == "canary-proxy" for line in problem_lines(t)]
+    summaries = tuple(report.summarise(t.name, rounds[t.name]) for t in targets)
+    _print_scenario(summaries, proxy_log)
+    return ScenarioResult(
+        scenario=scenario, summaries=summaries, rounds=rounds, proxy_log=proxy_log
+    )
+
+
+def _interleaved_rounds(
+    host: Host, targets: Sequence[Target], scenario: Scenario, options: Options
+) -> dict[str, list[wrk.WrkReport]]:
+    """Round r runs every target once, starting from a different one each round."""
+    load = wrk.Load(
+        wrk=host.tools["wrk"],
+        cpu=host.load_cpu,
+        connections=options.connections,
+        script=STICKY_SCRIPT if scenario.sticky else None,
+    )
+    rounds: dict[str, list[wrk.WrkReport]] = {t.name: [] for t in targets}
+    for number in range(options.rounds):
+        shift = number % len(targets)
+        for target in [*targets[shift:], *targets[:shift]]:
+            rounds[target.name].append(_measure(load, target, scenario, options, number))
+    return rounds
+
+
+def _measure(
+    load: wrk.Load, target: Target, scenario: Scenario, options: Options, number: int
+) -> wrk.WrkReport:
+    url = target.url(scenario.path)
+    if options.warmup > 0:
+        wrk.run(load, url=url, seconds=options.warmup)  # not counted
+    result = wrk.run(load, url=url, seconds=options.duration)
+    ensure_alive(target.process)
+    print(f"  round {number + 1}/{options.rounds}  {_progress(target.name, result)}", flush=True)
+    return result
+
+
+def _progress(name: str, result: wrk.WrkReport) -> str:
+    return (
+        f"{name:<13} {result.requests_per_second:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+        f"  p99 {result.p99_ms:6.2f} ms  socket errors {result.socket_errors.total}"
+        f"  non-2xx {result.non_2xx}"
+    )
+
+
+def _print_scenario(summaries: Sequence[Summary], proxy_log: Sequence[str]) -> None:
+    print()
+    print(report.table(summaries))
+    print(report.verdict(summaries))
+    if proxy_log:
+        print(f"canary-proxy logged {len(proxy_log)} warning/error lines, first ones:")
+        print("\n".join(f"  {line}" for line in proxy_log[:5]))
+    sys.stdout.flush()
+
+
+# --- description and results ---------------------------------------------------------------
+
+
+def _machine(tools: dict[str, str]) -> dict[str, object]:
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load_average_before": _load_average(),
+        "canary_proxy": _canary_proxy_version(),
+        "tools": {tool: toolchain.version(tool, path) for tool, path in sorted(tools.items())},
+    }
+
+
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine is noise in the table."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    models = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(models, "unknown")
+
+
+def _canary_proxy_version() -> str:
+    try:
+        version = metadata.version("canary-proxy")
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"{version} (git {_git_revision()})"
+
+
+def _git_revision() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _header(started: datetime, machine: dict[str, object], options: Options) -> str:
+    tools = machine["tools"]
+    assert isinstance(tools, dict)
+    per_target = f"{options.warmup:g}s warm-up (not counted) + {options.duration:g}s"
+    return "\n".join(
+        [
+            f"# canary-proxy benchmark, {started:%Y-%m-%d %H:%M} UTC",
+            f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}, {machine['kernel']}",
+            f"canary-proxy {machine['canary_proxy']}, Python {machine['python']}",
+            "tools: " + "; ".join(str(v) for v in tools.values()),
+            f"pinning: wrk and the upstream nginx on core {options.load_cpu}; each proxy under"
+            f" test alone on core {options.proxy_cpu} (taskset -c)",
+            f"load: wrk -t1 -c{options.connections}, {options.rounds} interleaved rounds x"
+            f" ({per_target}) per target; table = medians of the rounds",
+            "upstream: nginx, 1 worker; split 10% canary, stable and canary both that upstream",
+            f"targets: {', '.join(DISPLAY_NAMES[key] for key in options.targets)}",
+            f"load average before the run: {machine['load_average_before']}",
+        ]
+    )
+
+
+def _write_results(
+    started: datetime,
+    machine: dict[str, object],
+    options: Options,
+    results: Sequence[ScenarioResult],
+) -> None:
+    payload = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_after": _load_average(),
+        "machine": machine,
+        "method": _method(options),
+        "scenarios": {r.scenario.name: _scenario_json(r) for r in results},
+    }
+    path = RESULTS / "latest.json"
+    report.write_json(path, payload)
+    print(f"\nresults: {path.relative_to(ROOT)}")
+    tables: dict[str, Sequence[Summary]] = {r.scenario.name: r.summaries for r in results}
+    print(report.write_chart(RESULTS / "latest.png", tables))
+
+
+def _method(options: Options) -> dict[str, object]:
+    return {
+        "tool": "wrk -t1 --latency",
+        "connections": options.connections,
+        "rounds": options.rounds,
+        "duration_seconds": options.duration,
+        "warmup_seconds": options.warmup,
+        "load_cpu": options.load_cpu,
+        "proxy_cpu": options.proxy_cpu,
+        "targets": [DISPLAY_NAMES[key] for key in options.targets],
+        "aggregation": "median of rounds for req/s, p50, p99; errors summed",
+    }
+
+
+def _scenario_json(result: ScenarioResult) -> dict[str, object]:
+    return {
+        "description": result.scenario.description,
+        "path": result.scenario.path,
+        "sticky": result.scenario.sticky,
+        "summary": [asdict(summary) for summary in result.summaries],
+        "verdict": report.verdict(result.summaries),
+        "rounds": {name: [asdict(r) for r in reports] for name, reports in result.rounds.items()},
+        "canary_proxy_log": result.proxy_log,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Pure: the load scenarios and the text of every config the benchmark writes.
+
+Every process listens on 127.0.0.1 only; every config keeps its pid, logs and temp files in
+its own folder under the run's temporary directory, so no system file is read or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+ScenarioName = Literal["small", "sticky", "large"]
+
+CANARY_WEIGHT: Final = 10  # percent of requests to the canary, in every proxy
+STICKY_HEADER: Final = "X-User-ID"
+SMALL_BODY: Final = "hello from the upstream\n"
+LARGE_BODY_BYTES: Final = 64 * 1024
+LARGE_PATH: Final = "/large"
+KEEPALIVE_REQUESTS: Final = 100_000_000  # never close a benchmark connection for its age
+UPSTREAM_KEEPALIVE: Final = 64  # idle pooled connections nginx keeps to the upstream
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    name: ScenarioName
+    path: str
+    sticky: bool  # wrk sends a random X-User-ID per request; the proxies hash it
+    body_bytes: int
+    description: str
+
+
+SCENARIOS: Final = (
+    Scenario(
+        name="small",
+        path="/",
+        sticky=False,
+        body_bytes=len(SMALL_BODY),
+        description=f"{len(SMALL_BODY)} B responses over keep-alive, random split",
+    ),
+    Scenario(
+        name="sticky",
+        path="/",
+        sticky=True,
+        body_bytes=len(SMALL_BODY),
+        description=f"as small, with a random {STICKY_HEADER} per request hashed by the proxy",
+    ),
+    Scenario(
+        name="large",
+        path=LARGE_PATH,
+        sticky=False,
+        body_bytes=LARGE_BODY_BYTES,
+        description="64 KB responses over keep-alive, random split",
+    ),
+)
+
+
+def _nginx_preamble(home: Path) -> str:
+    return f"""\
+worker_processes 1;
+daemon off;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+"""
+
+
+def _nginx_http_common(home: Path) -> str:
+    return f"""\
+    access_log off;
+    keepalive_requests {KEEPALIVE_REQUESTS};
+    keepalive_timeout 75s;
+    client_body_temp_path {home}/client_body;
+    proxy_temp_path {home}/proxy;
+    fastcgi_temp_path {home}/fastcgi;
+    uwsgi_temp_path {home}/uwsgi;
+    scgi_temp_path {home}/scgi;
+"""
+
+
+def upstream_nginx_conf(*, home: Path, port: int, large_file: Path) -> str:
+    """The one upstream: a small fixed body on every path, a 64 KB file on /large."""
+    return f"""\
+{_nginx_preamble(home)}
+http {{
+{_nginx_http_common(home)}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = {LARGE_PATH} {{
+            default_type application/octet-stream;
+            alias {large_file};
+        }}
+        location / {{
+            default_type text/plain;
+            return 200 "{SMALL_BODY.rstrip()}\\n";
+        }}
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(*, home: Path, port: int, upstream_port: int, sticky: bool) -> str:
+    """nginx as the peer proxy: `split_clients` over two upstream blocks, pooled keep-alive."""
+    # $request_id is random per request, like our split without a key; with a key, hash it.
+    key = "$http_x_user_id" if sticky else "$request_id"
+    upstreams = "".join(_nginx_upstream_block(name, upstream_port) for name in ("stable", "canary"))
+    return f"""\
+{_nginx_preamble(home)}
+http {{
+{_nginx_http_common(home)}
+{upstreams}
+    split_clients "{key}" $version {{
+        {CANARY_WEIGHT}% canary;
+        * stable;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://$version;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # Stream a large body through the memory buffers, never via a temp file on disk.
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx_upstream_block(name: str, upstream_port: int) -> str:
+    return f"""\
+    upstream {name} {{
+        server 127.0.0.1:{upstream_port};
+        keepalive {UPSTREAM_KEEPALIVE};
+        keepalive_requests {KEEPALIVE_REQUESTS};
+    }}
+"""
+
+
+def haproxy_cfg(*, port: int, upstream_port: int, sticky: bool) -> str:
+    """HAProxy as the peer proxy: one thread, two servers weighted like our split."""
+    balance = f"hdr({STICKY_HEADER})" if sticky else "roundrobin"
+    stable_weight = 100 - CANARY_WEIGHT
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 75s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend versions
+
+backend versions
+    balance {balance}
+    http-reuse always
+    server stable 127.0.0.1:{upstream_port} weight {stable_weight}
+    server canary 127.0.0.1:{upstream_port} weight {CANARY_WEIGHT}
+"""
+
+
+def canary_proxy_yaml(*, home: Path, port: int, upstream_port: int, sticky: bool) -> str:
+    """canary-proxy under test: one route whose stable and canary are both the upstream."""
+    upstream = f'["http://127.0.0.1:{upstream_port}"]'
+    sticky_line = f"\n      sticky: {{header: {STICKY_HEADER}}}" if sticky else ""
+    return f"""\
+listen: "127.0.0.1:{port}"
+admin: {{listen: "127.0.0.1:0"}}
+state_dir: {home}/state
+timeouts: {{shutdown: 1s}}
+routes:
+  - name: bench
+    stable: {{upstreams: {upstream}, revision: v1}}
+    canary: {{upstreams: {upstream}, revision: v2}}
+    split:
+      weight: {CANARY_WEIGHT}{sticky_line}
+"""
