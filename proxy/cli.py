@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -106,8 +105,15 @@ def _run(path: str) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
+    from proxy.admin import AdminSetupError
+    from proxy.app import serve
+
     _install_uvloop()
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config, config_path=path))
+    except AdminSetupError as error:
+        print(f"canary-proxy: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
@@ -115,22 +121,3 @@ def _install_uvloop() -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def serve(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests (bounded) and return."""
-    from proxy.runtime import RuntimeHolder
-    from proxy.server import Server
-
-    loop = asyncio.get_running_loop()
-    server = Server(RuntimeHolder(config), loop)
-    host, port = await server.start(config.listen.host, config.listen.port)
-    # Tests and supervisors read this line to learn the bound port when `listen` uses port 0.
-    log.info("canary-proxy listening on %s:%d (%d routes)", host, port, len(config.routes))
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining for up to %.1fs", config.timeouts.shutdown)
-    await server.shutdown(config.timeouts.shutdown)
-    log.info("stopped")

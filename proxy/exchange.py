@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING, Final
 
 from proxy.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
-from proxy.runtime import STABLE, RouteRuntime, Runtime
+from proxy.runtime import CANARY, STABLE, RouteRuntime, Runtime
 from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
 
 if TYPE_CHECKING:
@@ -153,7 +154,6 @@ class Exchange:
         self.connect_task = self.client.loop.create_task(self._open_connection())
 
     async def _open_connection(self) -> None:
-        loop = self.client.loop
         instance = self.instance
         while instance is not None:
             try:
@@ -163,7 +163,7 @@ class Exchange:
                 return
             except ConnectionRefusedError:
                 # Nothing was sent: another instance of the same version may take it.
-                now = loop.time()
+                now = monotonic()
                 instance.down_until = now + COOL_DOWN_SECONDS
                 assert self.pool is not None
                 instance = self.instance = self.pool.pick(now)
@@ -458,15 +458,16 @@ class Exchange:
     def _record_upstream_error(self, kind: str) -> None:
         route = self.route
         if route is not None:
-            self.client.holder.outcomes.record_upstream_error(route.name, self.version, kind)
+            stats = route.canary_stats if self.version == CANARY else route.stable_stats
+            stats.upstream_error(kind)
 
     def _record(self) -> None:
         route = self.route
-        outcomes = self.client.holder.outcomes
         if route is None:
-            outcomes.record_rejected(self.status)
-        else:
-            outcomes.record(route.name, self.version, self.status)
+            self.client.holder.outcomes.record_rejected(self.status)
+            return
+        stats = route.canary_stats if self.version == CANARY else route.stable_stats
+        stats.observe(self.status, monotonic() - self.started)
 
     def _finish(self) -> None:
         self.response_done = True

@@ -1,21 +1,22 @@
 """The one swappable holder of config + route table + upstream pools + live route state.
 
 A reload builds a complete new `Runtime` and swaps one reference; requests in flight keep the
-runtime they started on. Live state (weight, aborted) lives in `RouteState`, outside the
-config and keyed by route name, so a reload keeps it.
+runtime (and the upstream instance) they started on. What must outlive a config generation
+lives in the holder, keyed by stable names: live route state by route name, upstream instances
+(their idle connections and cool-downs) by URL, and the counters in the recorder.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
-from proxy.config import Config, Route
+from proxy.config import Config, Route, Upstream
+from proxy.metrics import Recorder, RouteView
 from proxy.routing import RouteTable
-from proxy.upstream import VersionPool
+from proxy.upstream import Instance, VersionPool
 
 STABLE: Final = "stable"
 CANARY: Final = "canary"
@@ -29,23 +30,10 @@ class RouteState:
     configured_bp: int  # the config's start weight this state was derived from
     aborted: bool = False
 
-
-@dataclass(slots=True)
-class Outcomes:
-    """Per route, version and status counts (the metrics recorder replaces this view later)."""
-
-    requests: Counter[tuple[str, str, int]] = field(default_factory=Counter)
-    upstream_errors: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    rejected: Counter[int] = field(default_factory=Counter)
-
-    def record(self, route: str, version: str, status: int) -> None:
-        self.requests[(route, version, status)] += 1
-
-    def record_upstream_error(self, route: str, version: str, kind: str) -> None:
-        self.upstream_errors[(route, version, kind)] += 1
-
-    def record_rejected(self, status: int) -> None:
-        self.rejected[status] += 1
+    def state_name(self, route: Route) -> str:
+        if self.aborted:
+            return "aborted"
+        return "steady" if route.rollout is None else "progressing"
 
 
 class RouteRuntime:
@@ -53,25 +41,40 @@ class RouteRuntime:
 
     __slots__ = (
         "canary",
+        "canary_stats",
         "force_cookie",
         "force_header",
         "name",
         "route",
         "split",
         "stable",
+        "stable_stats",
         "state",
         "sticky_cookie",
         "sticky_header",
         "uses_cookies",
     )
 
-    def __init__(self, route: Route, state: RouteState) -> None:
+    def __init__(
+        self,
+        route: Route,
+        state: RouteState,
+        recorder: Recorder,
+        instance: Callable[[Upstream], Instance],
+    ) -> None:
         self.route = route
         self.name = route.name
         self.split = route.split
         self.state = state
-        self.stable = VersionPool(route.stable.upstreams)
-        self.canary = VersionPool(route.canary.upstreams) if route.canary else None
+        self.stable = VersionPool(tuple(instance(u) for u in route.stable.upstreams))
+        self.canary = (
+            VersionPool(tuple(instance(u) for u in route.canary.upstreams))
+            if route.canary
+            else None
+        )
+        # Pre-bound: the exchange bumps these directly, no label lookup per request.
+        self.stable_stats = recorder.stats_for(route.name, STABLE)
+        self.canary_stats = recorder.stats_for(route.name, CANARY)
         sticky, force = route.split.sticky, route.split.force
         self.sticky_header = sticky.header.encode("latin-1") if sticky.header else None
         self.force_header = force.header.encode("latin-1") if force.header else None
@@ -88,36 +91,54 @@ class Runtime:
 
     __slots__ = ("config", "generation", "routes", "table")
 
-    def __init__(self, config: Config, states: dict[str, RouteState], generation: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        states: dict[str, RouteState],
+        recorder: Recorder,
+        instance: Callable[[Upstream], Instance],
+        generation: int,
+    ) -> None:
         self.config = config
         self.generation = generation
         self.table = RouteTable(config.routes)
         self.routes = {
-            route.name: RouteRuntime(route, states[route.name]) for route in config.routes
+            route.name: RouteRuntime(route, states[route.name], recorder, instance)
+            for route in config.routes
         }
-
-    def close_idle(self) -> None:
-        for route in self.routes.values():
-            for pool in route.pools():
-                for instance in pool.instances:
-                    instance.close_all_idle()
 
 
 class RuntimeHolder:
     """Holds the current runtime; `swap` installs a new config in one assignment."""
 
-    def __init__(self, config: Config, *, rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        rng: Callable[[], float] = random.random,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.rng = rng
-        self.outcomes = Outcomes()
+        self.outcomes = recorder or Recorder()
         self.states: dict[str, RouteState] = {}
+        self.instances: dict[str, Instance] = {}
         self._generation = 0
-        self.current = self._build(config)
-        self.states = {name: route.state for name, route in self.current.routes.items()}
+        self.current, instances = self._build(config)
+        self._adopt(self.current, instances)
 
-    def _build(self, config: Config) -> Runtime:
+    def _build(self, config: Config) -> tuple[Runtime, dict[str, Instance]]:
+        """The complete next generation, and the instance registry it would leave behind."""
+        instances = dict(self.instances)
+
+        def instance(upstream: Upstream) -> Instance:
+            found = instances.get(upstream.url)
+            if found is None:
+                found = instances[upstream.url] = Instance(upstream)
+            return found
+
         states = {route.name: self._state_for(route) for route in config.routes}
-        self._generation += 1
-        return Runtime(config, states, self._generation)
+        runtime = Runtime(config, states, self.outcomes, instance, self._generation + 1)
+        return runtime, instances
 
     def _state_for(self, route: Route) -> RouteState:
         """Keep a route's live state across reloads unless its configured weight changed."""
@@ -127,12 +148,37 @@ class RuntimeHolder:
             return state
         return RouteState(weight_bp=weight, configured_bp=weight)
 
+    def _adopt(self, runtime: Runtime, instances: dict[str, Instance]) -> None:
+        self._generation = runtime.generation
+        self.states = {name: route.state for name, route in runtime.routes.items()}
+        in_use = {i.url for r in runtime.routes.values() for p in r.pools() for i in p.instances}
+        for url, instance in instances.items():
+            if url not in in_use:
+                instance.retire()  # in-flight exchanges finish; its connections then close
+        self.instances = {u: i for u, i in instances.items() if u in in_use}
+        self.outcomes.keep_routes(runtime.routes)
+
     def swap(self, config: Config) -> Runtime:
         """Build the whole new runtime first, then swap one reference; returns the old one."""
-        new = self._build(config)
+        new, instances = self._build(config)
         old, self.current = self.current, new
-        self.states = {name: route.state for name, route in new.routes.items()}
+        self._adopt(new, instances)
         return old
+
+    def all_instances(self) -> Iterator[Instance]:
+        return iter(self.instances.values())
+
+    def close_idle(self) -> None:
+        for instance in self.instances.values():
+            instance.close_all_idle()
+
+    def route_views(self) -> Iterator[RouteView]:
+        for route in self.current.routes.values():
+            yield RouteView(
+                route.name,
+                route.state.weight_bp if not route.state.aborted else 0,
+                route.state.state_name(route.route),
+            )
 
 
 def start_weight(route: Route) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from time import monotonic
 from typing import Final, cast
 
 import httptools
@@ -426,7 +427,9 @@ class ClientConnection(asyncio.Protocol):
             method=method,
             http11=http11,
             keep_alive=keep_alive,
-            started=self.loop.time(),
+            # Not loop.time(): uvloop's clock has millisecond resolution, too coarse for
+            # latency histograms; cool-downs use the same monotonic clock.
+            started=monotonic(),
         )
         exchange.request_chunked = te is not None
         exchange.expect_body = te is not None or content_length not in (None, b"0")
@@ -634,10 +637,8 @@ class Server:
                 active.response_timed_out()
 
     def _sweep_pools(self, cutoff: float) -> None:
-        for route in self.holder.current.routes.values():
-            for pool in route.pools():
-                for instance in pool.instances:
-                    instance.close_idle_older_than(cutoff)
+        for instance in self.holder.all_instances():
+            instance.close_idle_older_than(cutoff)
 
     async def shutdown(self, drain_seconds: float) -> None:
         """Stop accepting, let in-flight exchanges finish (bounded), then close the rest."""
@@ -658,7 +659,7 @@ class Server:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        self.holder.current.close_idle()
+        self.holder.close_idle()
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)

@@ -48,7 +48,7 @@ class _HeadResponseDone(Exception):
 class Instance:
     """One upstream instance: its idle connection pool and its cool-down."""
 
-    __slots__ = ("authority", "down_until", "host", "idle", "port", "url")
+    __slots__ = ("authority", "down_until", "host", "idle", "port", "retired", "url")
 
     def __init__(self, upstream: Upstream) -> None:
         self.url = upstream.url
@@ -60,6 +60,7 @@ class Instance:
         ).encode("idna")
         self.idle: list[UpstreamConnection] = []
         self.down_until = 0.0
+        self.retired = False  # no longer in the config: connections close after their exchange
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -70,7 +71,7 @@ class Instance:
         return None
 
     def put_idle(self, conn: UpstreamConnection, now: float) -> None:
-        if len(self.idle) >= MAX_IDLE_PER_INSTANCE:
+        if self.retired or len(self.idle) >= MAX_IDLE_PER_INSTANCE:
             conn.close()
             return
         conn.idle_since = now
@@ -87,6 +88,10 @@ class Instance:
                 keep.append(conn)
         self.idle = keep
 
+    def retire(self) -> None:
+        self.retired = True
+        self.close_all_idle()
+
     def close_all_idle(self) -> None:
         for conn in self.idle:
             conn.close()
@@ -98,8 +103,8 @@ class VersionPool:
 
     __slots__ = ("_next", "instances")
 
-    def __init__(self, upstreams: tuple[Upstream, ...]) -> None:
-        self.instances = tuple(Instance(u) for u in upstreams)
+    def __init__(self, instances: tuple[Instance, ...]) -> None:
+        self.instances = instances
         self._next = 0
 
     def pick(self, now: float) -> Instance | None:

@@ -1,0 +1,93 @@
+"""The running proxy: the data plane, the admin listener and the signals, started and stopped
+together.
+
+SIGHUP reloads the config file (the same path as `POST /reload`). SIGTERM and SIGINT flip
+readiness, stop accepting, answer in-flight keep-alive requests with `Connection: close`, drain
+for `timeouts.shutdown` at most, then return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from proxy.admin import AdminState, check_exposure, create_app, load_token
+from proxy.config import Config, ConfigError
+from proxy.control import Reloader
+from proxy.metrics import ProxyCollector, build_registry
+from proxy.runtime import RuntimeHolder
+from proxy.server import Server
+
+log = logging.getLogger("canary_proxy")
+
+
+class Proxy:
+    """Owns the data plane server and the admin app of one process."""
+
+    def __init__(self, config: Config, *, config_path: str | None) -> None:
+        self.config = config
+        self.token = load_token(config.admin)
+        check_exposure(config.admin, self.token)
+        self.holder = RuntimeHolder(config)
+        self.reloader = Reloader(self.holder, config_path)
+        self.server: Server | None = None
+        self.admin: AdminState | None = None
+        self._admin_runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = server = Server(self.holder, loop)
+        host, port = await server.start(self.config.listen.host, self.config.listen.port)
+        collector = ProxyCollector(
+            self.holder.outcomes, self.holder.route_views, lambda: len(server.connections)
+        )
+        self.admin = AdminState(
+            holder=self.holder,
+            reloader=self.reloader,
+            registry=build_registry(collector),
+            token=self.token,
+        )
+        runner = web.AppRunner(create_app(self.admin), access_log=None, handle_signals=False)
+        await runner.setup()
+        admin = self.config.admin.listen
+        site = web.TCPSite(runner, admin.host, admin.port, shutdown_timeout=1.0)
+        await site.start()
+        self._admin_runner = runner
+        admin_port = runner.addresses[0][1]
+        # Tests and supervisors read these lines to learn the bound ports when they are 0.
+        log.info("canary-proxy listening on %s:%d (%d routes)", host, port, len(self.config.routes))
+        log.info("admin API listening on %s:%d", admin.host, admin_port)
+
+    def reload(self) -> None:
+        with contextlib.suppress(ConfigError):  # already logged and counted
+            self.reloader.reload_file()
+
+    async def stop(self) -> None:
+        drain = self.holder.current.config.timeouts.shutdown
+        log.info("shutting down: draining for up to %.1fs", drain)
+        if self.admin is not None:
+            self.admin.draining = True
+        if self.server is not None:
+            await self.server.shutdown(drain)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped")
+
+
+async def serve(config: Config, *, config_path: str | None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    proxy = Proxy(config, config_path=config_path)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()

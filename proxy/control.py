@@ -1,0 +1,152 @@
+"""Config reloads: one path for `POST /reload`, `PUT /config` and SIGHUP.
+
+Parse and validate fully, build the complete new runtime, then swap one reference. A failure
+at any step changes nothing and is counted; `PUT /config` writes the file atomically (temp
+file, fsync, rename) before the swap, so the file on disk and the running config never
+disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from proxy.config import Config, ConfigError, ConfigProblem
+from proxy.loader import load_config_file, parse_config_text
+from proxy.runtime import RuntimeHolder
+
+log = logging.getLogger("canary_proxy")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadResult:
+    """What a successful reload changed, for the admin API's answer and the log."""
+
+    generation: int
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    settings: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "generation": self.generation,
+            "routes": {
+                "added": list(self.added),
+                "removed": list(self.removed),
+                "changed": list(self.changed),
+            },
+            "settings": list(self.settings),
+        }
+
+
+class Reloader:
+    """Applies a new config to a running proxy, all or nothing."""
+
+    def __init__(self, holder: RuntimeHolder, config_path: str | None) -> None:
+        self.holder = holder
+        self.config_path = config_path
+
+    def reload_file(self) -> ReloadResult:
+        """Re-read the config file; raises ConfigError (and counts it) if it is invalid."""
+        if self.config_path is None:
+            raise self._failed(ConfigError((ConfigProblem(path="", message="no config file"),)))
+        try:
+            config = load_config_file(self.config_path)
+        except ConfigError as error:
+            raise self._failed(error) from None
+        return self._apply(config)
+
+    def replace_config(self, text: str, content_type: str) -> ReloadResult:
+        """Apply a config sent over the API, then make it the file on disk, atomically."""
+        base_dir = os.path.dirname(os.path.abspath(self.config_path or "proxy.yaml"))
+        try:
+            config = parse_config_text(text, base_dir=base_dir, content_type=content_type)
+            self._check_restart_only(config)
+        except ConfigError as error:
+            raise self._failed(error) from None
+        if self.config_path is not None:
+            _write_atomically(self.config_path, _as_file_text(text, content_type))
+        return self._apply(config)
+
+    def _apply(self, config: Config) -> ReloadResult:
+        try:
+            self._check_restart_only(config)
+        except ConfigError as error:
+            raise self._failed(error) from None
+        old = self.holder.current.config
+        self.holder.swap(config)
+        self.holder.outcomes.reload_succeeded()
+        result = describe(old, config, self.holder.current.generation)
+        log.info("config reloaded: %s", result.as_dict())
+        return result
+
+    def _check_restart_only(self, config: Config) -> None:
+        """Listeners are bound once; changing them needs a restart, not a reload."""
+        current = self.holder.current.config
+        problems = []
+        if config.listen != current.listen:
+            problems.append(
+                ConfigProblem(path="listen", message="changing the listen address needs a restart")
+            )
+        if config.admin.listen != current.admin.listen:
+            problems.append(
+                ConfigProblem(
+                    path="admin.listen", message="changing the admin address needs a restart"
+                )
+            )
+        if problems:
+            raise ConfigError(tuple(problems))
+
+    def _failed(self, error: ConfigError) -> ConfigError:
+        self.holder.outcomes.reload_failed()
+        log.warning("config reload refused; the running config is unchanged:\n%s", error)
+        return error
+
+
+def describe(old: Config, new: Config, generation: int) -> ReloadResult:
+    before = {route.name: route for route in old.routes}
+    after = {route.name: route for route in new.routes}
+    settings = tuple(
+        name
+        for name in ("state_dir", "timeouts", "limits", "admin")
+        if getattr(old, name) != getattr(new, name)
+    )
+    return ReloadResult(
+        generation=generation,
+        added=tuple(name for name in after if name not in before),
+        removed=tuple(name for name in before if name not in after),
+        changed=tuple(name for name in after if name in before and before[name] != after[name]),
+        settings=settings,
+    )
+
+
+def _as_file_text(text: str, content_type: str) -> str:
+    # JSON is valid YAML, so the file stays loadable whichever form the API received.
+    del content_type
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Temp file in the same folder, fsync, rename over the old file, fsync the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=".proxy-", suffix=".yaml.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.exists(path):
+            os.chmod(temp, os.stat(path).st_mode & 0o777)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
