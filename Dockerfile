@@ -31,10 +31,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER canary
 WORKDIR /var/lib/canary-proxy
 EXPOSE 8080 9901
-# Liveness through the admin listener's /healthz (served once the admin API lands); until then
-# the data port answering at all is the signal.
+# Liveness from the admin listener (loopback inside the container is enough for the check).
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
-  CMD python -c "import socket; socket.create_connection(('127.0.0.1', 8080), 1).close()"
+  CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:9901/healthz', timeout=1)"
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["canary-proxy"]
 CMD ["run"]
