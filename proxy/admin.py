@@ -119,6 +119,10 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 @web.middleware
 async def _require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[STATE_KEY].token
+    if request.method in MUTATING_METHODS and _from_a_browser_page(request):
+        # A web page the operator visits could otherwise POST to a token-less loopback admin
+        # listener (cross-site request forgery); the CLI and curl send no Origin.
+        return _error(403, "cross-origin requests cannot change the proxy")
     if token is not None and request.method in MUTATING_METHODS:
         offered = request.headers.get("Authorization", "")
         scheme, _, value = offered.partition(" ")
@@ -129,6 +133,11 @@ async def _require_token(request: web.Request, handler: Handler) -> web.StreamRe
             response.headers["WWW-Authenticate"] = 'Bearer realm="canary-proxy admin"'
             return response
     return await handler(request)
+
+
+def _from_a_browser_page(request: web.Request) -> bool:
+    site = request.headers.get("Sec-Fetch-Site")
+    return "Origin" in request.headers or site in ("cross-site", "same-site")
 
 
 def route_document(route: RouteRuntime) -> dict[str, object]:

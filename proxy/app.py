@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.admin import AdminState, check_exposure, create_app, load_token
-from proxy.config import Config, ConfigError
+from proxy.admin import AdminSetupError, AdminState, check_exposure, create_app, load_token
+from proxy.config import Config, ConfigError, ConfigProblem
 from proxy.control import Reloader
 from proxy.metrics import ProxyCollector, build_registry
 from proxy.runtime import RuntimeHolder
@@ -37,6 +38,8 @@ class Proxy:
         self.server: Server | None = None
         self.admin: AdminState | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.data_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -51,16 +54,35 @@ class Proxy:
             registry=build_registry(collector),
             token=self.token,
         )
-        runner = web.AppRunner(create_app(self.admin), access_log=None, handle_signals=False)
+        self.reloader.add_preparer(self._prepare_admin)
+        runner = web.AppRunner(
+            create_app(self.admin), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await runner.setup()
-        admin = self.config.admin.listen
-        site = web.TCPSite(runner, admin.host, admin.port, shutdown_timeout=1.0)
-        await site.start()
         self._admin_runner = runner
-        admin_port = runner.addresses[0][1]
+        admin = self.config.admin.listen
+        await web.TCPSite(runner, admin.host, admin.port).start()
+        self.data_address = (host, port)
+        self.admin_address = (admin.host, int(runner.addresses[0][1]))
         # Tests and supervisors read these lines to learn the bound ports when they are 0.
         log.info("canary-proxy listening on %s:%d (%d routes)", host, port, len(self.config.routes))
-        log.info("admin API listening on %s:%d", admin.host, admin_port)
+        log.info("admin API listening on %s:%d", *self.admin_address)
+
+    def _prepare_admin(self, config: Config) -> Callable[[], None]:
+        """Re-read the admin token with every reload (rotation without a restart); a token
+        source that cannot be read, or a listener left exposed, refuses the whole reload."""
+        try:
+            token = load_token(config.admin)
+            check_exposure(config.admin, token)
+        except AdminSetupError as error:
+            path, _, message = str(error).partition(": ")
+            raise ConfigError((ConfigProblem(path=path, message=message),)) from None
+
+        def commit() -> None:
+            if self.admin is not None:
+                self.admin.token = token
+
+        return commit
 
     def reload(self) -> None:
         with contextlib.suppress(ConfigError):  # already logged and counted
@@ -81,13 +103,13 @@ class Proxy:
 async def serve(config: Config, *, config_path: str | None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     proxy = Proxy(config, config_path=config_path)
-    await proxy.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     try:
+        await proxy.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, proxy.reload)
         await stop.wait()
     finally:
         await proxy.stop()

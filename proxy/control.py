@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.config import Config, ConfigError, ConfigProblem
@@ -18,6 +19,8 @@ from proxy.loader import load_config_file, parse_config_text
 from proxy.runtime import RuntimeHolder
 
 log = logging.getLogger("canary_proxy")
+
+Preparer = Callable[[Config], Callable[[], None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +51,12 @@ class Reloader:
     def __init__(self, holder: RuntimeHolder, config_path: str | None) -> None:
         self.holder = holder
         self.config_path = config_path
+        self._preparers: list[Preparer] = []
+
+    def add_preparer(self, preparer: Preparer) -> None:
+        """Another part of the proxy that must accept a config too: it may refuse it with a
+        ConfigError, or return a commit step that runs only once the swap is done."""
+        self._preparers.append(preparer)
 
     def reload_file(self) -> ReloadResult:
         """Re-read the config file; raises ConfigError (and counts it) if it is invalid."""
@@ -64,20 +73,29 @@ class Reloader:
         base_dir = os.path.dirname(os.path.abspath(self.config_path or "proxy.yaml"))
         try:
             config = parse_config_text(text, base_dir=base_dir, content_type=content_type)
-            self._check_restart_only(config)
+            commits = self._accept(config)
         except ConfigError as error:
             raise self._failed(error) from None
         if self.config_path is not None:
-            _write_atomically(self.config_path, _as_file_text(text, content_type))
-        return self._apply(config)
+            _write_atomically(self.config_path, text)
+        return self._swap(config, commits)
 
     def _apply(self, config: Config) -> ReloadResult:
         try:
-            self._check_restart_only(config)
+            commits = self._accept(config)
         except ConfigError as error:
             raise self._failed(error) from None
+        return self._swap(config, commits)
+
+    def _accept(self, config: Config) -> list[Callable[[], None]]:
+        self._check_restart_only(config)
+        return [prepare(config) for prepare in self._preparers]
+
+    def _swap(self, config: Config, commits: list[Callable[[], None]]) -> ReloadResult:
         old = self.holder.current.config
         self.holder.swap(config)
+        for commit in commits:
+            commit()
         self.holder.outcomes.reload_succeeded()
         result = describe(old, config, self.holder.current.generation)
         log.info("config reloaded: %s", result.as_dict())
@@ -121,12 +139,6 @@ def describe(old: Config, new: Config, generation: int) -> ReloadResult:
         changed=tuple(name for name in after if name in before and before[name] != after[name]),
         settings=settings,
     )
-
-
-def _as_file_text(text: str, content_type: str) -> str:
-    # JSON is valid YAML, so the file stays loadable whichever form the API received.
-    del content_type
-    return text if text.endswith("\n") else text + "\n"
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -6,12 +6,15 @@ from collections import Counter
 from typing import cast
 
 from proxy.config import Upstream
-from proxy.upstream import VersionPool
+from proxy.upstream import Instance, VersionPool
 
 
 def three_instances() -> VersionPool:
     return VersionPool(
-        tuple(Upstream(url=f"http://10.0.0.{n}:80", host=f"10.0.0.{n}", port=80) for n in (1, 2, 3))
+        tuple(
+            Instance(Upstream(url=f"http://10.0.0.{n}:80", host=f"10.0.0.{n}", port=80))
+            for n in (1, 2, 3)
+        )
     )
 
 

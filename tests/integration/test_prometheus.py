@@ -1,0 +1,351 @@
+"""A real Prometheus server scrapes the admin listener of a real `canary-proxy run` process and
+its HTTP API returns exactly the per-version request counts the test generated; `promtool
+check metrics` has nothing to say about the exposition (DESIGN.md §8).
+
+Needs Debian's `prometheus` package (`.ci/run` installs it); skips only where it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import pytest
+from fakes import HOST, FakeUpstream
+from prometheus_client.parser import text_string_to_metric_families
+
+CANARY_PROXY: Final = str(Path(sys.executable).with_name("canary-proxy"))
+PROMETHEUS: Final = shutil.which("prometheus")
+PROMTOOL: Final = shutil.which("promtool")
+LISTENING: Final = re.compile(rb"canary-proxy listening on (\S+):(\d+)")
+ADMIN_LISTENING: Final = re.compile(rb"admin API listening on (\S+):(\d+)")
+STABLE_REQUESTS: Final = 200
+CANARY_REQUESTS: Final = 100
+
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None or PROMTOOL is None,
+    reason="Debian package `prometheus` (prometheus and promtool binaries) is not installed; "
+    "`.ci/run` installs it, so CI never skips this",
+)
+
+
+@dataclass(slots=True)
+class ProxyProcess:
+    process: asyncio.subprocess.Process
+    port: int
+    admin_port: int
+    log: list[bytes] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_port}"
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(config: dict[str, object], tmp_path: Path) -> AsyncIterator[ProxyProcess]:
+    """`canary-proxy run` with both listeners on port 0; the ports are read from its stderr."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    process = await asyncio.create_subprocess_exec(
+        CANARY_PROXY,
+        "run",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[bytes] = []
+    collector: asyncio.Task[None] | None = None
+    try:
+        port = admin_port = 0
+        async with asyncio.timeout(10):
+            while not (port and admin_port):
+                line = await process.stderr.readline()
+                log.append(line)
+                assert line, b"".join(log).decode()
+                if match := LISTENING.search(line):
+                    port = int(match[2])
+                elif match := ADMIN_LISTENING.search(line):
+                    admin_port = int(match[2])
+        collector = asyncio.create_task(_collect(process.stderr, log))
+        yield ProxyProcess(process, port, admin_port, log)
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await process.wait()
+        if collector is not None:
+            await collector
+
+
+async def _collect(stream: asyncio.StreamReader, log: list[bytes]) -> None:
+    """Keep reading stderr so a chatty proxy never blocks on a full pipe."""
+    while line := await stream.readline():
+        log.append(line)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusServer:
+    url: str
+    log_path: Path
+    process: asyncio.subprocess.Process
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@contextlib.asynccontextmanager
+async def running_prometheus(
+    scrape_target: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[PrometheusServer]:
+    """A real Prometheus scraping `scrape_target` every second; always stopped on the way out."""
+    assert PROMETHEUS is not None
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "canary-proxy",
+                        "scrape_interval": "1s",
+                        "scrape_timeout": "1s",
+                        "metrics_path": "/metrics",
+                        "static_configs": [{"targets": [scrape_target]}],
+                    }
+                ],
+            }
+        )
+    )
+    address = f"{HOST}:{free_port()}"
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={address}",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    server = PrometheusServer(url=f"http://{address}", log_path=log_path, process=process)
+    try:
+        await _until_ready(server, session)
+        yield server
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+        await process.wait()
+
+
+async def _until_ready(server: PrometheusServer, session: aiohttp.ClientSession) -> None:
+    """Poll `/-/ready` (at most 20 s); fail at once, with its log, if Prometheus exits."""
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                assert server.process.returncode is None, f"prometheus exited:\n{server.log()}"
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(server.url + "/-/ready") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pytest.fail(f"prometheus did not become ready within 20 s:\n{server.log()}")
+
+
+async def query(
+    session: aiohttp.ClientSession, server: PrometheusServer, promql: str
+) -> list[dict[str, object]]:
+    async with session.get(server.url + "/api/v1/query", params={"query": promql}) as response:
+        document = await response.json()
+    assert response.status == 200, document
+    assert document["status"] == "success", document
+    result: list[dict[str, object]] = document["data"]["result"]
+    return result
+
+
+def requests_by_series(result: list[dict[str, object]]) -> dict[tuple[str, str, str], float]:
+    """`{(route, version, code): value}` from an instant-vector answer."""
+    counts: dict[tuple[str, str, str], float] = {}
+    for sample in result:
+        labels = sample["metric"]
+        value = sample["value"]
+        assert isinstance(labels, dict)
+        assert isinstance(value, list)
+        counts[(labels["route"], labels["version"], labels["code"])] = float(value[1])
+    return counts
+
+
+async def send(session: aiohttp.ClientSession, url: str, force: str, count: int) -> list[str]:
+    """`count` requests forced to a version; returns the version tag each answer carried."""
+    versions: list[str] = []
+    for n in range(count):
+        async with session.get(f"{url}/item/{n}", headers={"X-Canary": force}) as response:
+            await response.read()
+            assert response.status == 200
+            versions.append(response.headers["X-Version"])
+    return versions
+
+
+async def test_prometheus_scrapes_the_admin_endpoint_and_reports_the_requests_sent_per_version(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    config: dict[str, object] = {
+        "listen": f"{HOST}:0",
+        "admin": {"listen": f"{HOST}:0"},
+        "state_dir": str(tmp_path / "state"),
+        "routes": [
+            {
+                "name": "shop",
+                "stable": {"upstreams": [stable.url]},
+                "canary": {"upstreams": [canary.url], "revision": "v2"},
+                "split": {"weight": 50, "force": {"header": "X-Canary"}},
+            }
+        ],
+    }
+    expected = {
+        ("shop", "stable", "200"): float(STABLE_REQUESTS),
+        ("shop", "canary", "200"): float(CANARY_REQUESTS),
+    }
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+        running_proxy(config, tmp_path) as proxy,
+    ):
+        stable_tags = await send(session, proxy.url, "never", STABLE_REQUESTS)
+        canary_tags = await send(session, proxy.url, "always", CANARY_REQUESTS)
+        assert set(stable_tags) == {"stable"}
+        assert set(canary_tags) == {"canary"}
+        assert (len(stable.received), len(canary.received)) == (STABLE_REQUESTS, CANARY_REQUESTS)
+
+        async with running_prometheus(f"{HOST}:{proxy.admin_port}", tmp_path, session) as prom:
+            seen: dict[tuple[str, str, str], float] = {}
+            try:
+                async with asyncio.timeout(30):
+                    while seen != expected:
+                        seen = requests_by_series(
+                            await query(session, prom, "canary_proxy_requests_total")
+                        )
+                        if seen != expected:
+                            await asyncio.sleep(0.25)
+            except TimeoutError:
+                pytest.fail(
+                    f"Prometheus did not report {expected} within 30 s; last answer: {seen}\n"
+                    f"{prom.log()}"
+                )
+            targets = await query(session, prom, 'up{job="canary-proxy"}')
+            per_version = requests_by_version(
+                await query(session, prom, "sum by (version) (canary_proxy_requests_total)")
+            )
+
+    assert seen == expected
+    assert [sample["value"][1] for sample in targets] == ["1"], targets  # type: ignore[index]
+    assert per_version == {"stable": STABLE_REQUESTS, "canary": CANARY_REQUESTS}
+    # Both stopped on the way out of their contexts: no leftover process.
+    assert None not in (proxy.process.returncode, prom.process.returncode)
+
+
+def requests_by_version(result: list[dict[str, object]]) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for sample in result:
+        labels, value = sample["metric"], sample["value"]
+        assert isinstance(labels, dict)
+        assert isinstance(value, list)
+        counts[labels["version"]] = float(value[1])
+    return counts
+
+
+async def test_promtool_finds_nothing_to_complain_about_in_the_exposition(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    assert PROMTOOL is not None
+    config: dict[str, object] = {
+        "listen": f"{HOST}:0",
+        "admin": {"listen": f"{HOST}:0"},
+        "state_dir": str(tmp_path / "state"),
+        "routes": [
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "stable": {"upstreams": [stable.url]},
+            },
+            {
+                "name": "shop",
+                "stable": {"upstreams": [stable.url]},
+                "canary": {"upstreams": [canary.url], "revision": "v2"},
+                "split": {"weight": 50, "force": {"header": "X-Canary"}},
+            },
+        ],
+    }
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+        running_proxy(config, tmp_path) as proxy,
+    ):
+        # Every family populated: both versions, a second route (first match wins), a failed
+        # reload.
+        await send(session, proxy.url, "never", 3)
+        await send(session, proxy.url, "always", 3)
+        async with session.get(proxy.url + "/api/x") as response:
+            assert response.status == 200
+        (tmp_path / "proxy.yaml").write_text("routes: [\n")
+        async with session.post(proxy.admin_url + "/reload") as response:
+            assert response.status == 400
+        async with session.get(proxy.admin_url + "/metrics") as response:
+            assert response.status == 200
+            exposition = await response.read()
+
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for sample in family.samples
+    }
+    for version in ("stable", "canary"):
+        key = (("code", "200"), ("route", "shop"), ("version", version))
+        assert samples["canary_proxy_requests_total", key] == 3
+    assert (
+        samples[
+            "canary_proxy_requests_total",
+            (("code", "200"), ("route", "api"), ("version", "stable")),
+        ]
+        == 1
+    )
+    assert samples["canary_proxy_config_reloads_total", (("result", "failure"),)] == 1
+    checked = await asyncio.create_subprocess_exec(
+        PROMTOOL,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    output, _ = await asyncio.wait_for(checked.communicate(exposition), 20)
+    assert (checked.returncode, output.decode()) == (0, "")
