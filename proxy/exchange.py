@@ -37,6 +37,7 @@ _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 _CLOSE: Final = b"Connection: close\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
 
 
@@ -66,6 +67,8 @@ class Exchange:
         "method",
         "pending",
         "pool",
+        "read_deadline",
+        "reads_seen",
         "request_chunked",
         "request_done",
         "response_chunked",
@@ -76,6 +79,7 @@ class Exchange:
         "reused",
         "route",
         "runtime",
+        "send_continue",
         "started",
         "status",
         "tunnel_tail",
@@ -105,7 +109,7 @@ class Exchange:
         self.pool: VersionPool | None = None
         self.instance: Instance | None = None
         self.head = b""
-        self.local: bytes | None = None
+        self.local: tuple[int, bytes] | None = None  # a reply of our own: status, message
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None
@@ -122,14 +126,21 @@ class Exchange:
         self.reused = False
         self.client_gone = False
         self.expect_body = False
+        self.send_continue = False
+        self.read_deadline = 0.0
+        self.reads_seen = 0
         self.tunnel_tail = b""
 
     # -- starting --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Runs when this exchange becomes the connection's active one (never earlier: a
+        pipelined request must not write anything ahead of the response before it)."""
         if self.local is not None:
-            self._respond_local(self.local)
+            self._respond_local(*self.local)
             return
+        if self.send_continue and not self.request_done:
+            self.client.write(_CONTINUE)
         instance = self.instance
         assert instance is not None
         upstream = instance.take_idle()
@@ -138,14 +149,13 @@ class Exchange:
         else:
             self._connect()
 
-    def _respond_local(self, response: bytes) -> None:
+    def _respond_local(self, status: int, message: bytes) -> None:
         if self.expect_body and not self.request_done:
             self.keep_alive = False  # we will not read the rest of the body
         else:
             self.request_done = True  # bodiless: complete at its head
-        self.response_started = True
-        self.client.write(response)
-        self._finish()
+        self.status = status
+        self._reply(status, message)
 
     def _connect(self) -> None:
         self.client.pause(PAUSE_CONNECTING)
@@ -200,18 +210,20 @@ class Exchange:
             self.pending = None
         if self.request_done:
             self._request_sent(upstream)
+        if self.client.write_paused:
+            upstream.pause_reading()  # the client is not draining what we already wrote
         self.client.unpause(PAUSE_CONNECTING)
 
     # -- request body ----------------------------------------------------------------------
 
     def request_body(self, chunk: bytes) -> None:
+        if self.response_done or self.local is not None:
+            return  # answered already: the rest of the body is read and dropped
         self.body_bytes += len(chunk)
         limit = self.runtime.config.limits.max_body_bytes
         if limit and self.body_bytes > limit:
-            self._body_too_large()
-            return
-        if self.local is not None or self.response_done:
-            return
+            # Raised through the parser so the connection answers it in pipeline order.
+            raise Reject(413, b"Content Too Large")
         upstream = self.upstream
         if upstream is not None:
             self._send_body(upstream, chunk)
@@ -240,15 +252,6 @@ class Exchange:
                 self.client.loop.time() + self.runtime.config.timeouts.response_header
             )
 
-    def _body_too_large(self) -> None:
-        self.client.holder.outcomes.record_rejected(413)
-        if self.response_started:
-            self._abort_both()
-            return
-        self.keep_alive = False
-        self._drop_upstream()
-        self._reply_error(413, b"Content Too Large")
-
     # -- upstream callbacks ----------------------------------------------------------------
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -256,9 +259,15 @@ class Exchange:
             self._interim(status, headers)
             return
         self.response_deadline = 0.0
+        head = self._response_head(status, headers)
+        if head is None:
+            # A transfer coding we cannot pass on honestly (RFC 9112 §6.1): refuse it.
+            self._drop_upstream()
+            self.upstream_failed("protocol", True)
+            return
         self.status = status
         self.response_started = True
-        self.client.write(self._response_head(status, headers))
+        self.client.write(head)
 
     def _interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if status == 101:
@@ -274,11 +283,13 @@ class Exchange:
         elif status != 100 and self.http11:
             # RFC 9110 §15.2: a proxy forwards 1xx (e.g. 103 Early Hints); 100 is ours to send.
             lines, _, _ = _response_lines(status, headers)
-            lines.append(_CRLF)
-            self.client.write(b"".join(lines))
+            self.client.write(b"".join(lines) + _CRLF)
 
-    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        lines, content_length, chunked = _response_lines(status, headers)
+    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        lines, content_length, coding = _response_lines(status, headers)
+        chunked = coding is not None
+        if chunked and coding != b"chunked":
+            return None
         no_body = self.method == b"HEAD" or status == 304
         if status == 204:
             pass  # RFC 9110 §8.6: no Content-Length in a 204
@@ -292,8 +303,10 @@ class Exchange:
                 lines.append(_CHUNKED)
             else:
                 self.keep_alive = False  # close-delimited for an HTTP/1.0 client
-        if self.upgrade or self.client.server.draining:
-            self.keep_alive = False  # a refused upgrade leaves the request stream unusable
+        if self.upgrade or not self.request_done or self.client.server.draining:
+            # A refused upgrade leaves the request stream unusable; an early answer means we
+            # will not read the rest of the request body.
+            self.keep_alive = False
         if not self.keep_alive:
             lines.append(_CLOSE)
         elif not self.http11:
@@ -307,20 +320,15 @@ class Exchange:
         else:
             self.client.write(chunk)
 
-    def upstream_complete(self, reusable: bool) -> None:
-        upstream = self.upstream
+    def upstream_complete(self) -> bool:
+        """The response ended; returns whether its connection may serve another request
+        (the upstream connection pools itself only once its read is fully parsed)."""
         self.upstream = None
         if self.response_chunked:
             self.client.write(_LAST_CHUNK)
-        if upstream is not None:
-            assert self.instance is not None
-            if reusable and self.request_done and not self.client_gone:
-                upstream.detach()
-                self.instance.put_idle(upstream, self.client.loop.time())
-            else:
-                upstream.close()
         self.response_done = True
         self._finish()
+        return self.request_done and not self.client_gone
 
     def upstream_upgraded(self, tail: bytes) -> None:
         if self.status != 101:
@@ -357,6 +365,7 @@ class Exchange:
             return
         if self._may_retry(kind, got_response):
             self.retried = True
+            self.response_deadline = 0.0
             self._connect()
             return
         self._record_upstream_error(kind)
@@ -405,8 +414,11 @@ class Exchange:
 
     def _reply_error(self, status: int, message: bytes) -> None:
         self.status = status
-        if not self.request_done:
-            self.keep_alive = False
+        if not self.request_done or self.upgrade:
+            self.keep_alive = False  # unread body, or a parser left in upgrade mode
+        self._reply(status, message)
+
+    def _reply(self, status: int, message: bytes) -> None:
         close = not self.keep_alive or self.client.server.draining
         self.keep_alive = not close
         self.response_started = True
@@ -435,6 +447,20 @@ class Exchange:
         self.connect_task = None
         if task is not None:
             task.cancel()
+            self.client.unpause(PAUSE_CONNECTING)
+
+    def check_read_progress(self, now: float, idle: float) -> None:
+        """Between-reads timeout once the response has started (nginx `proxy_read_timeout`):
+        the sweep calls this; an upstream that stops sending mid-body is cut off."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if upstream.reads != self.reads_seen or not self.read_deadline:
+            self.reads_seen = upstream.reads
+            self.read_deadline = now + idle
+        elif now >= self.read_deadline:
+            self._record_upstream_error("timeout")
+            self._abort_both()
 
     def _abort_both(self) -> None:
         self._drop_upstream()
@@ -477,11 +503,12 @@ class Exchange:
 
 def _response_lines(
     status: int, headers: list[tuple[bytes, bytes]]
-) -> tuple[list[bytes], bytes | None, bool]:
-    """Status line plus end-to-end fields; also the upstream's Content-Length and chunking."""
+) -> tuple[list[bytes], bytes | None, bytes | None]:
+    """Status line plus end-to-end fields; also the upstream's Content-Length and its
+    transfer coding (lower-cased), which the caller re-frames."""
     lines = [status_line(status, b"")]
     content_length: bytes | None = None
-    chunked = False
+    coding: bytes | None = None
     connection: list[bytes] | None = None
     for name, value in headers:
         lname = name.lower()
@@ -489,7 +516,7 @@ def _response_lines(
             if lname == _CL:
                 content_length = value
             elif lname == _TE:
-                chunked = True
+                coding = value.strip().lower() if coding is None else coding + b", " + value
             elif lname == _CONNECTION:
                 connection = [value] if connection is None else [*connection, value]
             continue
@@ -498,4 +525,4 @@ def _response_lines(
         lines = [lines[0]] + [
             line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
         ]
-    return lines, content_length, chunked
+    return lines, content_length, coding

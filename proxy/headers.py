@@ -41,7 +41,10 @@ REQUEST_DROP: Final = HOP_BY_HOP | {
 
 RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
-_CONNECTION_OPTIONS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Connection options that name no field (RFC 9112 §9.3, §9.6; RFC 9110 §7.8), and Host, which
+# a client may not nominate away (RFC 9110 §7.6.1: senders MUST NOT nominate end-to-end
+# fields; the upstream needs Host, RFC 9112 §3.2).
+_CONNECTION_OPTIONS: Final = frozenset({b"keep-alive", b"close", b"upgrade", b"host"})
 
 VIA: Final = b"Via: 1.1 canary-proxy\r\n"
 

@@ -19,6 +19,7 @@ import httptools
 
 from proxy.config import Timeouts
 from proxy.exchange import (
+    PAUSE_BACKPRESSURE,
     PAUSE_PIPELINE,
     PAUSE_UPGRADE,
     Exchange,
@@ -64,7 +65,6 @@ _UPGRADE: Final = b"upgrade"
 _EXPECT: Final = b"expect"
 _XFF: Final = b"x-forwarded-for"
 _CRLF: Final = b"\r\n"
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _XFP: Final = b"X-Forwarded-Proto: http\r\n"
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 
@@ -94,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending_reject: Reject | None = None
         self.closed = False
         self.lingering = False
+        self.write_paused = False
         self.corked: list[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -207,6 +208,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
+        self.write_paused = True  # an upstream attached later starts paused too
         active = self.active
         if active is not None and active.upstream is not None:
             active.upstream.pause_reading()
@@ -214,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
             self._set_deadline(DEADLINE_SEND, self._timeouts().idle)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         active = self.active
         if active is not None and active.upstream is not None:
             active.upstream.resume_reading()
@@ -318,15 +321,18 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._route_request()
         self.parsing = exchange
         if self.active is None:
-            self.active = exchange
-            if exchange.expect_body:
-                self._set_deadline(DEADLINE_BODY, self._timeouts().idle)
-            else:
-                self._clear_deadline()
-            exchange.start()
+            self._activate(exchange)
         else:
             self.queue.append(exchange)
             self.pause(PAUSE_PIPELINE)
+
+    def _activate(self, exchange: Exchange) -> None:
+        self.active = exchange
+        if exchange.expect_body and not exchange.request_done:
+            self._set_deadline(DEADLINE_BODY, self._timeouts().idle)
+        else:
+            self._clear_deadline()
+        exchange.start()
 
     def on_body(self, body: bytes) -> None:
         parsing = self.parsing
@@ -338,7 +344,9 @@ class ClientConnection(asyncio.Protocol):
         if parsing is None:
             return
         if parsing.upgrade:
-            parsing.request_done = True  # the rest of the stream belongs to the tunnel
+            # The rest of the stream belongs to the tunnel; keep `parsing` for
+            # _upgrade_requested, which runs next.
+            parsing.request_complete()
             return
         self.parsing = None
         if self.deadline_kind == DEADLINE_BODY:
@@ -411,6 +419,10 @@ class ClientConnection(asyncio.Protocol):
                 raise Reject(400, b"Bad Request: Transfer-Encoding in HTTP/1.0")
             if te.lower() != b"chunked":
                 raise Reject(501, b"Not Implemented: transfer coding")
+        if parser.should_upgrade() and (te is not None or content_length not in (None, b"0")):
+            # llhttp hands everything after an upgrade head to the tunnel, so a body here
+            # would be framed one way by us and another by the upstream: refuse it.
+            raise Reject(400, b"Bad Request: upgrade request with a body")
         limit = runtime.config.limits.max_body_bytes
         if limit and content_length is not None and int(content_length) > limit:
             raise Reject(413, b"Content Too Large")
@@ -439,7 +451,7 @@ class ClientConnection(asyncio.Protocol):
         route_rt = runtime.routes[matched.name] if matched is not None else None
         if route_rt is None:
             exchange.status = 404
-            exchange.local = plain_response(404, b"Not Found: no route", close=False)
+            exchange.local = (404, b"Not Found: no route")
             return exchange
         exchange.route = route_rt
 
@@ -447,7 +459,7 @@ class ClientConnection(asyncio.Protocol):
             if expect.lower() != b"100-continue":
                 raise Reject(417, b"Expectation Failed")
             if http11 and exchange.expect_body:
-                self.write(_CONTINUE)
+                exchange.send_continue = True  # written when it is this request's turn
 
         version_name = self._choose_version(route_rt, host_text, cookie)
         exchange.version = version_name
@@ -457,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
         instance = pool.pick(exchange.started)
         if instance is None:
             exchange.status = 503
-            exchange.local = plain_response(503, b"Service Unavailable", close=False)
+            exchange.local = (503, b"Service Unavailable")
             return exchange
         exchange.instance = instance
 
@@ -552,12 +564,13 @@ class ClientConnection(asyncio.Protocol):
         if self.pending_reject is not None and not self.queue:
             self.reject(self.pending_reject)
             return
+        # The finished exchange's upstream may have left us paused; that is over now.
+        self.unpause(PAUSE_BACKPRESSURE)
         if self.queue:
             following = self.queue.popleft()
-            self.active = following
             if not self.queue:
                 self.unpause(PAUSE_PIPELINE)
-            following.start()
+            self._activate(following)
             return
         self._set_deadline(DEADLINE_IDLE, self._timeouts().idle)
         self.unpause(PAUSE_PIPELINE)
@@ -626,15 +639,20 @@ class Server:
             self.sweep(now)
             if now - last_pool_sweep >= 1.0:
                 last_pool_sweep = now
-                self._sweep_pools(now - timeouts.idle)
+                self._sweep_pools(monotonic() - timeouts.idle)
 
     def sweep(self, now: float) -> None:
+        idle = self.holder.current.config.timeouts.idle
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.timed_out()
             active = conn.active
-            if active is not None and active.response_deadline and now >= active.response_deadline:
+            if active is None:
+                continue
+            if active.response_deadline and now >= active.response_deadline:
                 active.response_timed_out()
+            elif active.response_started and not active.response_done and not conn.write_paused:
+                active.check_read_progress(now, idle)
 
     def _sweep_pools(self, cutoff: float) -> None:
         for instance in self.holder.all_instances():

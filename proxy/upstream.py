@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import Final, Protocol, cast
 
 import httptools
@@ -27,7 +28,7 @@ class ResponseListener(Protocol):
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def upstream_body(self, chunk: bytes) -> None: ...
-    def upstream_complete(self, reusable: bool) -> None: ...
+    def upstream_complete(self) -> bool: ...
     def upstream_upgraded(self, tail: bytes) -> None: ...
     def upstream_tunnel_data(self, data: bytes) -> None: ...
     def batch_begin(self) -> None: ...
@@ -132,7 +133,9 @@ class UpstreamConnection(asyncio.Protocol):
         "got_response",
         "idle_since",
         "instance",
-        "reused",
+        "reads",
+        "release",
+        "stray",
         "transport",
         "until_close",
     )
@@ -145,8 +148,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._tunnel = False
         self.closed = False
-        self.reused = False
         self.expect_no_body = False
+        self.reads = 0  # bumped per read; the sweep uses it as a between-reads timer
+        # After a response ends: None while it has not, else whether to pool the connection
+        # (decided once the whole read is parsed: see _settle).
+        self.release: bool | None = None
+        self.stray = False  # bytes arrived after the response ended
         self.got_response = False
         self.until_close = False
         self.idle_since = 0.0
@@ -166,6 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
             # A response with neither Content-Length nor chunking ends when the connection
             # does (RFC 9112 §6.3 rule 8); llhttp has no end-of-input call to say so.
             self._complete(False)
+            self._settle()
             return
         self.exchange = None
         exchange.upstream_failed("reset", self.got_response)
@@ -175,9 +183,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.expect_no_body = no_body
         self.got_response = False
         self.until_close = False
-
-    def detach(self) -> None:
-        self.exchange = None
+        self.release = None
+        self.stray = False
 
     def close(self) -> None:
         """Close without reporting to the exchange (it already knows)."""
@@ -222,6 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle pooled connection: the upstream broke framing; drop it.
             self.abort()
             return
+        self.reads += 1
         if self._tunnel:
             exchange.upstream_tunnel_data(data)
             return
@@ -240,9 +248,12 @@ class UpstreamConnection(asyncio.Protocol):
                 log.error("internal error on an upstream response", exc_info=error.__context__)
                 self._fail("protocol")
         except httptools.HttpParserError:
-            self._fail("protocol")
+            if self.release is None:
+                self._fail("protocol")
+            # else: garbage after a complete response; _settle closes the connection
         finally:
             exchange.batch_end()
+        self._settle()
 
     def _finish_head_response(self, data: bytes) -> None:
         # The parser is dead after we stopped it; a fresh one serves the next response. Reuse
@@ -258,6 +269,10 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.upstream_failed(kind, True)
 
     # -- llhttp callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.release is not None:
+            self.stray = True  # a second message in a read meant for one: never pool this
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -285,5 +300,26 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self, reusable: bool) -> None:
         exchange = self.exchange
         self.exchange = None
-        if exchange is not None:
-            exchange.upstream_complete(reusable and not self.closed)
+        wanted = exchange.upstream_complete() if exchange is not None else False
+        self.release = reusable and wanted
+
+    def _settle(self) -> None:
+        """Pool or close the connection once its last response is over and the read that
+        carried it is fully parsed. Bytes beyond the response (a wrong Content-Length, a
+        body on a 204, injected headers) would otherwise be read as the next client's
+        response, so such a connection is closed, as is one still flushing our writes."""
+        release = self.release
+        if release is None:
+            return
+        self.release = None
+        transport = self.transport
+        if (
+            release
+            and not self.stray
+            and not self.closed
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
+        ):
+            self.instance.put_idle(self, monotonic())
+        else:
+            self.close()
