@@ -11,9 +11,10 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
+from proxy.client import DEFAULT_ADMIN
 from proxy.config import Config, ConfigError
 from proxy.loader import format_problems, load_config_file
 
@@ -47,7 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=None, help="config file to validate")
     demo = commands.add_parser("demo", help="self-contained demo of the split")
     demo.add_argument("--requests", type=int, default=2000, help="requests to send")
+    _add_admin_commands(commands)
     return parser
+
+
+ADMIN_VERBS: Final = {
+    "promote": "advance the ramp one step now (--to 100 to finish)",
+    "abort": "roll the canary back to 0 %% and keep it there until retry",
+    "pause": "hold the ramp at its current weight",
+    "resume": "continue a paused ramp",
+    "retry": "start an aborted rollout again from its first step",
+}
+
+
+def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin URL ({DEFAULT_ADMIN})")
+        sub.add_argument("--token", default=None, help="bearer token ($CANARY_PROXY_ADMIN_TOKEN)")
+        return sub
+
+    status = client("status", "show routes: state, weight, step, revision, window")
+    status.add_argument("route", nargs="?", help="one route")
+    for verb, help_text in ADMIN_VERBS.items():
+        sub = client(verb, help_text)
+        sub.add_argument("route")
+        if verb == "promote":
+            sub.add_argument("--to", type=float, default=None, help="jump to this percent")
+        if verb == "abort":
+            sub.add_argument("--reason", default="aborted by an operator")
+    weight = client("set-weight", "set the canary weight (pauses the ramp)")
+    weight.add_argument("route")
+    weight.add_argument("percent", type=float)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +113,44 @@ def _dispatch(args: argparse.Namespace) -> int:
         from proxy.demo import run_demo
 
         return run_demo(requests=args.requests)
+    if args.command == "status" or args.command in ADMIN_VERBS or args.command == "set-weight":
+        return _admin(args)
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from proxy.client import AdminError, call, format_status, route_path
+
+    token = args.token or os.environ.get("CANARY_PROXY_ADMIN_TOKEN")
+    try:
+        if args.command == "status":
+            if args.route:
+                print(format_status([call(args.admin, "GET", route_path(args.route))]))
+            else:
+                routes = call(args.admin, "GET", "/status").get("routes")
+                print(format_status(routes if isinstance(routes, list) else []))
+            return EXIT_OK
+        path, body = _verb_request(args, route_path)
+        method = "PUT" if args.command == "set-weight" else "POST"
+        route = call(args.admin, method, path, token=token, body=body)
+    except AdminError as error:
+        print(f"canary-proxy: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"{route.get('name')}: {route.get('state')}, weight {route.get('weight')}%")
+    return EXIT_OK
+
+
+def _verb_request(
+    args: argparse.Namespace, route_path: Callable[[str, str], str]
+) -> tuple[str, dict[str, object] | None]:
+    if args.command == "set-weight":
+        return route_path(args.route, "weight"), {"weight": args.percent}
+    path = route_path(args.route, args.command)
+    if args.command == "promote" and args.to is not None:
+        path += f"?to={args.to:g}"
+    if args.command == "abort":
+        return path, {"reason": args.reason}
+    return path, None
 
 
 def _load(path: str) -> Config | None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.config import Config, ConfigError, ConfigProblem
 from proxy.loader import load_config_file, parse_config_text
 from proxy.runtime import RuntimeHolder
+from proxy.store import write_atomically
 
 log = logging.getLogger("canary_proxy")
 
@@ -77,7 +77,7 @@ class Reloader:
         except ConfigError as error:
             raise self._failed(error) from None
         if self.config_path is not None:
-            _write_atomically(self.config_path, text)
+            write_atomically(self.config_path, text)
         return self._swap(config, commits)
 
     def _apply(self, config: Config) -> ReloadResult:
@@ -139,26 +139,3 @@ def describe(old: Config, new: Config, generation: int) -> ReloadResult:
         changed=tuple(name for name in after if name in before and before[name] != after[name]),
         settings=settings,
     )
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Temp file in the same folder, fsync, rename over the old file, fsync the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".proxy-", suffix=".yaml.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if os.path.exists(path):
-            os.chmod(temp, os.stat(path).st_mode & 0o777)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -1,0 +1,110 @@
+"""The admin client behind `canary-proxy status|promote|abort|pause|resume|retry|set-weight`.
+
+Plain blocking HTTP (urllib): one request per command, readable output, one line per error.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+DEFAULT_ADMIN: Final = "http://127.0.0.1:9901"
+TIMEOUT_SECONDS: Final = 10.0
+
+
+class AdminError(Exception):
+    """The admin API could not be reached, or it refused the call (message is for the user)."""
+
+
+def call(
+    admin: str,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    body: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    url = admin.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
+            return _document(response.read())
+    except urllib.error.HTTPError as error:
+        document = _document(error.read())
+        raise AdminError(f"{error.code}: {_message(document) or error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise AdminError(f"cannot reach the admin API at {admin}: {reason}") from None
+
+
+def _document(raw: bytes) -> dict[str, object]:
+    try:
+        document = json.loads(raw or b"{}")
+    except ValueError:
+        return {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    return document if isinstance(document, dict) else {"value": document}
+
+
+def _message(document: Mapping[str, object]) -> str:
+    errors = document.get("errors")
+    if isinstance(errors, list):
+        return "; ".join(
+            f"{e.get('path')}: {e.get('message')}" for e in errors if isinstance(e, dict)
+        )
+    error = document.get("error")
+    return str(error) if error is not None else ""
+
+
+def route_path(route: str, verb: str = "") -> str:
+    quoted = urllib.parse.quote(route, safe="")
+    return f"/routes/{quoted}" + (f"/{verb}" if verb else "")
+
+
+def format_status(routes: Sequence[Mapping[str, object]]) -> str:
+    """A table: one row per route, the columns an operator looks at first."""
+    header = ("ROUTE", "STATE", "WEIGHT", "STEP", "REVISION", "CANARY ERR", "REASON")
+    rows = [header]
+    for route in routes:
+        rows.append(
+            (
+                str(route.get("name", "")),
+                str(route.get("state", "")),
+                f"{float(str(route.get('weight', 0))):g}%",
+                _step(route.get("step")),
+                str(route.get("revision") or "-"),
+                _canary_errors(route.get("window")),
+                str(route.get("reason") or ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _step(step: object) -> str:
+    if isinstance(step, dict):
+        return f"{step.get('index', 0)}/{step.get('count', 0)}"
+    return "-" if step is None else str(step)
+
+
+def _canary_errors(window: object) -> str:
+    if not isinstance(window, dict):
+        return "-"
+    canary = window.get("canary")
+    if not isinstance(canary, dict):
+        return "-"
+    requests = canary.get("requests", 0)
+    errors = canary.get("errors", 0)
+    return f"{errors}/{requests}"
