@@ -12,6 +12,7 @@ import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import Final
 
 from aiohttp import web
@@ -19,7 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy.config import Admin, ConfigError
 from proxy.control import Reloader
+from proxy.controller import RECENT_EVENTS
+from proxy.rollout import RolloutError
 from proxy.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
+from proxy.window import WindowCounts
 
 MUTATING_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 YAML_TYPES: Final = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
@@ -92,6 +96,10 @@ def create_app(state: AdminState) -> web.Application:
     app.router.add_get("/routes/{name}", _route)
     app.router.add_post("/reload", _reload)
     app.router.add_put("/config", _put_config)
+    for verb in ("promote", "abort", "pause", "resume", "retry"):
+        app.router.add_post(f"/routes/{{name}}/{verb}", _verb)
+    app.router.add_put("/routes/{name}/weight", _set_weight)
+    app.router.add_get("/events", _events)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -141,22 +149,46 @@ def _from_a_browser_page(request: web.Request) -> bool:
 
 
 def route_document(route: RouteRuntime) -> dict[str, object]:
-    state = route.state
+    live = route.state
+    state = live.rollout
     canary = route.route.canary
-    weight_bp = 0 if state.aborted else state.weight_bp
+    rollout = route.route.rollout
+    windows = live.windows(monotonic())
+    assessment = live.assessment
     return {
         "name": route.name,
-        "weight": weight_bp / 100,
-        "state": state.state_name(route.route),
-        "reason": None,
+        "weight": (0 if live.aborted else live.weight_bp) / 100,
+        "state": state.state,
+        "reason": state.reason,
         "revision": canary.revision if canary else None,
-        "step": None,
-        # The sliding window arrives with the guard; until then these are lifetime totals.
-        "window": {"stable": None, "canary": None},
+        "step": (
+            {"index": state.step, "count": len(rollout.steps_bp)}
+            if rollout is not None and state.step is not None
+            else None
+        ),
+        "window": (
+            {STABLE: _window(windows[0]), CANARY: _window(windows[1])}
+            if windows is not None
+            else {STABLE: None, CANARY: None}
+        ),
+        "verdict": (
+            {"verdict": assessment.verdict, "reason": assessment.reason}
+            if assessment is not None
+            else None
+        ),
         "totals": {
             STABLE: _totals(route.stable_stats.codes),
             CANARY: _totals(route.canary_stats.codes),
         },
+    }
+
+
+def _window(counts: WindowCounts) -> dict[str, object]:
+    return {
+        "requests": counts.requests,
+        "errors": counts.errors,
+        "error_rate": round(counts.error_rate, 6),
+        "p99_seconds": counts.p99 if counts.p99 is None or counts.p99 != float("inf") else None,
     }
 
 
@@ -207,6 +239,82 @@ async def _put_config(request: web.Request) -> web.Response:
     except OSError as error:
         return _error(500, f"could not write the config file: {error.strerror}")
     return web.json_response({"reloaded": True, **result.as_dict()})
+
+
+async def _verb(request: web.Request) -> web.Response:
+    verb = request.path.rsplit("/", 1)[1]
+    arguments: dict[str, object] = {}
+    if verb == "promote":
+        to = request.query.get("to")
+        if to is not None and to not in ("100", "100.0"):
+            return _error(400, "promote takes ?to=100 (finish the ramp) or nothing (next step)")
+        arguments["to_end"] = to is not None
+    if verb == "abort":
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        reason = body.get("reason", "aborted by an operator")
+        if not isinstance(reason, str) or len(reason) > 500:
+            return _error(400, "reason must be a string of at most 500 characters")
+        arguments["reason"] = reason
+    return _act(request, verb, arguments)
+
+
+async def _set_weight(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    weight = body.get("weight")
+    weight_bp = _basis_points(weight)
+    if weight_bp is None:
+        return _error(400, "weight must be a number from 0 to 100 with at most two decimals")
+    return _act(request, "set_weight", {"weight_bp": weight_bp})
+
+
+def _basis_points(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    scaled = value * 100
+    if not 0 <= value <= 100 or abs(scaled - round(scaled)) > 1e-6:
+        return None
+    return round(scaled)
+
+
+async def _json_body(request: web.Request) -> dict[str, object] | web.Response:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    return body
+
+
+def _act(request: web.Request, verb: str, arguments: dict[str, object]) -> web.Response:
+    holder = request.app[STATE_KEY].holder
+    name = request.match_info["name"]
+    route = holder.current.routes.get(name)
+    if route is None:
+        return _error(404, f"no route named {name!r}")
+    try:
+        holder.controller.act(name, verb, holder.canary_stats(name), **arguments)
+    except RolloutError as error:
+        return _error(409, str(error))
+    except ValueError as error:
+        return _error(400, str(error))
+    return web.json_response(route_document(route))
+
+
+async def _events(request: web.Request) -> web.Response:
+    holder = request.app[STATE_KEY].holder
+    try:
+        limit = min(int(request.query.get("limit", "100")), RECENT_EVENTS)
+    except ValueError:
+        return _error(400, "limit must be an integer")
+    events = list(holder.controller.events)[-limit:] if limit > 0 else []
+    return web.json_response({"events": events})
 
 
 def _config_errors(error: ConfigError) -> web.Response:

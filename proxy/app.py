@@ -22,6 +22,7 @@ from proxy.control import Reloader
 from proxy.metrics import ProxyCollector, build_registry
 from proxy.runtime import RuntimeHolder
 from proxy.server import Server
+from proxy.store import StateStore
 
 log = logging.getLogger("canary_proxy")
 
@@ -33,7 +34,14 @@ class Proxy:
         self.config = config
         self.token = load_token(config.admin)
         check_exposure(config.admin, self.token)
-        self.holder = RuntimeHolder(config)
+        self.store = StateStore(config.state_dir)
+        try:
+            self.store.ensure()
+        except OSError as error:
+            raise AdminSetupError(
+                f"state_dir: cannot write {config.state_dir}: {error.strerror}"
+            ) from None
+        self.holder = RuntimeHolder(config, store=self.store)
         self.reloader = Reloader(self.holder, config_path)
         self.server: Server | None = None
         self.admin: AdminState | None = None
@@ -55,6 +63,7 @@ class Proxy:
             token=self.token,
         )
         self.reloader.add_preparer(self._prepare_admin)
+        self.holder.controller.start(self.holder.canary_stats)
         runner = web.AppRunner(
             create_app(self.admin), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
@@ -95,6 +104,7 @@ class Proxy:
             self.admin.draining = True
         if self.server is not None:
             await self.server.shutdown(drain)
+        await self.holder.controller.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped")

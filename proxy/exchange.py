@@ -489,11 +489,22 @@ class Exchange:
 
     def _record(self) -> None:
         route = self.route
+        status = self.status
         if route is None:
-            self.client.holder.outcomes.record_rejected(self.status)
+            self.client.holder.outcomes.record_rejected(status)
             return
-        stats = route.canary_stats if self.version == CANARY else route.stable_stats
-        stats.observe(self.status, monotonic() - self.started)
+        now = monotonic()
+        duration = now - self.started
+        canary = self.version == CANARY
+        (route.canary_stats if canary else route.stable_stats).observe(status, duration)
+        live = route.state
+        window = live.canary_window if canary else live.stable_window
+        if window is None or status == 499:
+            return  # no guard, or a client that left: no evidence either way (DESIGN.md §6)
+        error = status >= 500
+        window.record(now, error=error, latency=duration)
+        if error and canary:
+            self.client.holder.controller.canary_failed(route)
 
     def _finish(self) -> None:
         self.response_done = True

@@ -10,30 +10,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Final
 
 from proxy.config import Config, Route, Upstream
-from proxy.metrics import Recorder, RouteView
+from proxy.controller import Controller, Plan, RouteState
+from proxy.metrics import Recorder, RouteView, VersionStats
 from proxy.routing import RouteTable
+from proxy.store import StateStore
 from proxy.upstream import Instance, VersionPool
 
 STABLE: Final = "stable"
 CANARY: Final = "canary"
-
-
-@dataclass(slots=True)
-class RouteState:
-    """Live, mutable facts about a route that outlive any one config generation."""
-
-    weight_bp: int
-    configured_bp: int  # the config's start weight this state was derived from
-    aborted: bool = False
-
-    def state_name(self, route: Route) -> str:
-        if self.aborted:
-            return "aborted"
-        return "steady" if route.rollout is None else "progressing"
 
 
 class RouteRuntime:
@@ -117,17 +104,26 @@ class RuntimeHolder:
         *,
         rng: Callable[[], float] = random.random,
         recorder: Recorder | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.rng = rng
         self.outcomes = recorder or Recorder()
-        self.states: dict[str, RouteState] = {}
+        self.controller = Controller(self.outcomes, store)
         self.instances: dict[str, Instance] = {}
         self._generation = 0
-        self.current, instances = self._build(config)
-        self._adopt(self.current, instances)
+        self.current, instances, plans = self._build(config)
+        self._adopt(self.current, instances, plans)
 
-    def _build(self, config: Config) -> tuple[Runtime, dict[str, Instance]]:
-        """The complete next generation, and the instance registry it would leave behind."""
+    @property
+    def states(self) -> dict[str, RouteState]:
+        return self.controller.live
+
+    def canary_stats(self, route: str) -> VersionStats:
+        return self.outcomes.stats_for(route, CANARY)
+
+    def _build(self, config: Config) -> tuple[Runtime, dict[str, Instance], list[Plan]]:
+        """The complete next generation, the instance registry and the route states it would
+        leave behind; nothing is applied until `_adopt`."""
         instances = dict(self.instances)
 
         def instance(upstream: Upstream) -> Instance:
@@ -136,21 +132,14 @@ class RuntimeHolder:
                 found = instances[upstream.url] = Instance(upstream)
             return found
 
-        states = {route.name: self._state_for(route) for route in config.routes}
+        plans = self.controller.plan(config.routes, self.canary_stats)
+        states = {plan.route.name: plan.live for plan in plans}
         runtime = Runtime(config, states, self.outcomes, instance, self._generation + 1)
-        return runtime, instances
+        return runtime, instances, plans
 
-    def _state_for(self, route: Route) -> RouteState:
-        """Keep a route's live state across reloads unless its configured weight changed."""
-        weight = start_weight(route)
-        state = self.states.get(route.name)
-        if state is not None and state.configured_bp == weight:
-            return state
-        return RouteState(weight_bp=weight, configured_bp=weight)
-
-    def _adopt(self, runtime: Runtime, instances: dict[str, Instance]) -> None:
+    def _adopt(self, runtime: Runtime, instances: dict[str, Instance], plans: list[Plan]) -> None:
         self._generation = runtime.generation
-        self.states = {name: route.state for name, route in runtime.routes.items()}
+        self.controller.commit(plans)
         in_use = {i.url for r in runtime.routes.values() for p in r.pools() for i in p.instances}
         for url, instance in instances.items():
             if url not in in_use:
@@ -160,9 +149,9 @@ class RuntimeHolder:
 
     def swap(self, config: Config) -> Runtime:
         """Build the whole new runtime first, then swap one reference; returns the old one."""
-        new, instances = self._build(config)
+        new, instances, plans = self._build(config)
         old, self.current = self.current, new
-        self._adopt(new, instances)
+        self._adopt(new, instances, plans)
         return old
 
     def all_instances(self) -> Iterator[Instance]:
@@ -174,16 +163,7 @@ class RuntimeHolder:
 
     def route_views(self) -> Iterator[RouteView]:
         for route in self.current.routes.values():
+            state = route.state
             yield RouteView(
-                route.name,
-                route.state.weight_bp if not route.state.aborted else 0,
-                route.state.state_name(route.route),
+                route.name, 0 if state.aborted else state.weight_bp, state.rollout.state
             )
-
-
-def start_weight(route: Route) -> int:
-    if route.canary is None:
-        return 0
-    if route.rollout is not None:
-        return route.rollout.steps_bp[0]
-    return route.split.weight_bp

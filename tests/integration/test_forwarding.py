@@ -520,7 +520,8 @@ async def test_an_aborted_route_sends_even_forced_and_sticky_users_to_stable(
         "force": {"header": "X-Canary", "cookie": "canary"},
     }
     proxy = await make_proxy(split=split)
-    proxy.holder.states["shop"].aborted = True
+    holder = proxy.holder
+    holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="test")
     requests = [
         {"X-Canary": "always"},
         {"Cookie": "canary=always"},

@@ -303,7 +303,7 @@ def test_the_canary_weight_is_exposed_as_a_ratio_between_0_and_1(
 
 def test_an_aborted_route_exposes_a_canary_weight_of_0() -> None:
     holder = RuntimeHolder(config(route("shop", 40)))
-    holder.states["shop"].aborted = True
+    holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="test")
     text = holder_exposition(holder)
     assert value(text, "canary_proxy_canary_weight_ratio", route="shop") == 0
 
@@ -316,7 +316,7 @@ def test_the_rollout_state_gauge_is_1_for_exactly_one_state_of_every_route() -> 
             route("wiki", 20),
         )
     )
-    holder.states["wiki"].aborted = True
+    holder.controller.act("wiki", "abort", holder.canary_stats("wiki"), reason="test")
     text = holder_exposition(holder)
     expected = {"shop": "steady", "blog": "progressing", "wiki": "aborted"}
     for name, current in expected.items():

@@ -57,47 +57,64 @@ def config(*routes: dict[str, object], idle: str = "60s") -> Config:
 # -- live route state --------------------------------------------------------------------------
 
 
+def act(holder: RuntimeHolder, name: str, verb: str, **arguments: object) -> None:
+    holder.controller.act(name, verb, holder.canary_stats(name), **arguments)
+
+
 def test_a_reload_that_keeps_a_routes_weight_keeps_its_live_state() -> None:
     holder = RuntimeHolder(config(route(weight=10)))
     state = holder.current.routes["shop"].state
-    state.weight_bp = 4200  # moved at runtime (e.g. by the admin API), not by the config
-    state.aborted = True
+    act(holder, "shop", "set_weight", weight_bp=4200)  # moved by the admin API, not the config
+    assert state.weight_bp == 4200
 
     holder.swap(config(route(weight=10, stable=(STABLE_A, STABLE_B)), idle="30s"))
 
     kept = holder.current.routes["shop"].state
     assert kept is state
-    assert (kept.weight_bp, kept.aborted) == (4200, True)
+    assert (kept.weight_bp, kept.aborted) == (4200, False)
+
+
+def test_an_abort_survives_a_reload_of_the_same_revision() -> None:
+    holder = RuntimeHolder(config(route(weight=10)))
+    act(holder, "shop", "abort", reason="test")
+
+    holder.swap(config(route(weight=10), idle="30s"))
+
+    kept = holder.current.routes["shop"].state
+    assert kept.aborted
+    assert kept.rollout.state == "aborted"
 
 
 def test_a_reload_that_changes_a_routes_weight_starts_it_from_the_new_weight() -> None:
     holder = RuntimeHolder(config(route(weight=10)))
-    holder.current.routes["shop"].state.weight_bp = 4200
+    act(holder, "shop", "set_weight", weight_bp=4200)
 
     holder.swap(config(route(weight=20)))
 
     fresh = holder.current.routes["shop"].state
-    assert (fresh.weight_bp, fresh.configured_bp, fresh.aborted) == (2000, 2000, False)
+    assert (fresh.weight_bp, fresh.aborted) == (2000, False)
     assert [view.weight_bp for view in holder.route_views()] == [2000]
 
 
-def test_a_rollouts_first_step_is_the_configured_weight_a_reload_compares() -> None:
+def test_a_ramp_keeps_its_step_across_reloads_that_keep_that_step() -> None:
     ramp = {"steps": [5, 50, 100], "interval": "1m"}
     holder = RuntimeHolder(config(route(weight=5, rollout=ramp)))
     state = holder.current.routes["shop"].state
-    state.weight_bp = 5000  # the ramp advanced
+    act(holder, "shop", "promote")  # the ramp advanced to 50 %
+    assert state.weight_bp == 5000
 
     holder.swap(config(route(weight=5, rollout={**ramp, "interval": "2m"})))
     assert holder.current.routes["shop"].state is state
+    assert state.weight_bp == 5000
 
     holder.swap(config(route(weight=10, rollout={**ramp, "steps": [10, 50, 100]})))
-    assert holder.current.routes["shop"].state.weight_bp == 1000
+    assert holder.current.routes["shop"].state.weight_bp == 5000  # still a step of the ramp
 
 
 def test_each_route_keeps_or_resets_its_own_state_independently() -> None:
     holder = RuntimeHolder(config(route("shop", 10), route("blog", 10)))
-    holder.current.routes["shop"].state.weight_bp = 3000
-    holder.current.routes["blog"].state.weight_bp = 3000
+    act(holder, "shop", "set_weight", weight_bp=3000)
+    act(holder, "blog", "set_weight", weight_bp=3000)
 
     holder.swap(config(route("shop", 10), route("blog", 15), route("wiki", 40)))
 
@@ -110,7 +127,7 @@ def test_each_route_keeps_or_resets_its_own_state_independently() -> None:
 
 def test_a_route_removed_and_added_back_starts_afresh() -> None:
     holder = RuntimeHolder(config(route("shop", 10), route("blog", 10)))
-    holder.current.routes["blog"].state.aborted = True
+    act(holder, "blog", "abort", reason="test")
     holder.swap(config(route("shop", 10)))
     assert "blog" not in holder.states
     holder.swap(config(route("shop", 10), route("blog", 10)))
@@ -228,7 +245,9 @@ def test_a_swap_returns_the_old_runtime_untouched_for_requests_still_in_flight()
     assert old.routes["shop"].stable.instances == old_shop_instances
     assert old.routes["blog"].stable.instances == old_blog_instances
     assert old.routes["shop"].route.split.weight_bp == 1000
-    assert old.routes["shop"].state.weight_bp == 1000  # the new weight lives in a new state
+    # Live route state is one object per route across generations: a rollback decided while
+    # an old generation still has requests in flight applies to every generation at once.
+    assert old.routes["shop"].state is holder.current.routes["shop"].state
     assert holder.current.routes["shop"].state.weight_bp == 5000
     assert old.table.match("example.com", "/blog/post") is not None
     assert holder.current.table.match("example.com", "/blog/post") is None

@@ -1,0 +1,308 @@
+"""The rollout controller: feeds guard windows from the data path, trips the guard in line,
+ticks the ramp, runs the admin verbs, and persists every decision before it is reported.
+
+Decisions come from the pure modules (`window`, `guard`, `rollout`); this is the shell around
+them. A canary error is assessed the moment it is recorded, so a breach sets the weight to 0
+for the very next request; a tick every `TICK_SECONDS` catches latency breaches and moves the
+ramp. Rollout times are wall-clock (they must survive a restart); window times are monotonic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from time import monotonic
+from typing import TYPE_CHECKING, Final
+
+from proxy import rollout
+from proxy.config import Guard, Route
+from proxy.guard import Assessment, assess
+from proxy.metrics import Recorder, VersionStats
+from proxy.rollout import RolloutState, Transition
+from proxy.store import StateStore
+from proxy.window import SlidingWindow, WindowCounts
+
+if TYPE_CHECKING:
+    from proxy.runtime import RouteRuntime
+
+log = logging.getLogger("canary_proxy")
+
+TICK_SECONDS: Final = 0.25  # well inside the one-second reaction the guard promises
+RECENT_EVENTS: Final = 200
+
+
+class RouteState:
+    """The live state of one route, shared by every config generation that has the route.
+
+    The data plane reads `weight_bp` and `aborted` on every request; everything else is for
+    the controller and the admin API.
+    """
+
+    __slots__ = (
+        "aborted",
+        "assessment",
+        "canary_window",
+        "guard",
+        "rollout",
+        "route",
+        "stable_window",
+        "weight_bp",
+    )
+
+    def __init__(self, route: Route, state: RolloutState) -> None:
+        self.route = route
+        self.rollout = state
+        self.weight_bp = state.weight_bp
+        self.aborted = state.state == "aborted"
+        self.guard: Guard | None = None
+        self.stable_window: SlidingWindow | None = None
+        self.canary_window: SlidingWindow | None = None
+        self.assessment: Assessment | None = None
+
+    def adopt(self, state: RolloutState) -> None:
+        self.rollout = state
+        self.weight_bp = state.weight_bp
+        self.aborted = state.state == "aborted"
+
+    def windows(self, now: float) -> tuple[WindowCounts, WindowCounts] | None:
+        if self.stable_window is None or self.canary_window is None:
+            return None
+        return self.stable_window.snapshot(now), self.canary_window.snapshot(now)
+
+
+@dataclass(slots=True)
+class Plan:
+    """A route's state in a config being built, applied only if the build is swapped in."""
+
+    live: RouteState
+    route: Route
+    change: rollout.Change
+    fresh_windows: bool
+
+
+class Controller:
+    """Owns every route's RouteState and the decisions that change it."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        store: StateStore | None = None,
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.recorder = recorder
+        self.store = store
+        self.wall = wall
+        self.live: dict[str, RouteState] = {}
+        self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
+        self._saved: dict[str, RolloutState] = {}
+        self._task: asyncio.Task[None] | None = None
+        if store is not None:
+            self._saved = self._load(store)
+            self.events.extend(store.recent(RECENT_EVENTS))
+
+    @staticmethod
+    def _load(store: StateStore) -> dict[str, RolloutState]:
+        saved = {}
+        for name, record in store.load().items():
+            try:
+                saved[name] = RolloutState.from_dict(record)
+            except ValueError as error:
+                log.error("ignoring the saved state of route %s: %s", name, error)
+        return saved
+
+    # -- config generations ------------------------------------------------------------------
+
+    def plan(self, routes: Iterable[Route], stats: Callable[[str], VersionStats]) -> list[Plan]:
+        """Reconcile every route of a config being built with its live or saved state."""
+        now = self.wall()
+        plans = []
+        for route in routes:
+            live = self.live.get(route.name)
+            canary_requests = stats(route.name).requests
+            if live is None:
+                saved = self._saved.get(route.name)
+                change = rollout.restore(route, saved, now, canary_requests=canary_requests)
+                live = RouteState(route, change[0])
+            else:
+                change = rollout.reconcile(
+                    route, live.rollout, now, canary_requests=canary_requests
+                )
+            fresh = live.guard != route.guard or (change[1] is not None and _restarts(change[1]))
+            plans.append(Plan(live=live, route=route, change=change, fresh_windows=fresh))
+        return plans
+
+    def commit(self, plans: list[Plan]) -> None:
+        """The new config is in: apply its planned states, then persist and audit them."""
+        transitions = []
+        self.live = {}
+        for plan in plans:
+            live = plan.live
+            state, transition = plan.change
+            live.route = plan.route
+            live.adopt(state)
+            if plan.fresh_windows:
+                self._reset_windows(live, plan.route.guard)
+            self.live[plan.route.name] = live
+            if transition is not None:
+                transitions.append(transition)
+        self._saved = {}
+        self._persist(transitions)
+
+    @staticmethod
+    def _reset_windows(live: RouteState, guard: Guard | None) -> None:
+        live.guard = guard
+        live.assessment = None
+        if guard is None:
+            live.stable_window = live.canary_window = None
+        else:
+            live.stable_window = SlidingWindow(guard.window)
+            live.canary_window = SlidingWindow(guard.window)
+
+    # -- the guard, in line ------------------------------------------------------------------
+
+    def canary_failed(self, route: RouteRuntime) -> None:
+        """Called by the data path for every canary error: assess now, act now."""
+        live = route.state
+        if live.guard is not None and not live.aborted:
+            self._assess(route.name, live, monotonic())
+
+    def _assess(self, name: str, live: RouteState, now: float) -> Assessment | None:
+        windows = live.windows(now)
+        if windows is None or live.guard is None:
+            return None
+        stable, canary = windows
+        live.assessment = assessment = assess(live.guard, canary=canary, stable=stable)
+        if assessment.verdict == "breach":
+            # rollout decides what a breach means here: rollback, or (observe) a note.
+            change = rollout.on_breach(live.route, live.rollout, self.wall(), assessment.reason)
+            self._apply(name, live, change)
+        return assessment
+
+    def tick(self, stats: Callable[[str], VersionStats]) -> None:
+        """Assess every guarded route (latency breaches need no error to show) and move ramps."""
+        now = monotonic()
+        for name, live in list(self.live.items()):
+            if live.aborted or live.rollout.state == "promoted":
+                continue
+            assessment = self._assess(name, live, now)
+            if live.aborted:
+                continue
+            change = rollout.tick(
+                live.route,
+                live.rollout,
+                self.wall(),
+                canary_requests=stats(name).requests,
+                verdict=assessment.verdict if assessment is not None else None,
+            )
+            self._apply(name, live, change)
+
+    # -- admin verbs -------------------------------------------------------------------------
+
+    def act(self, name: str, verb: str, stats: VersionStats, **arguments: object) -> RouteState:
+        """Run an admin verb; raises KeyError (unknown route), rollout.RolloutError (409) or
+        ValueError (400)."""
+        live = self.live[name]
+        route, state, now = live.route, live.rollout, self.wall()
+        requests = stats.requests
+        if verb == "promote":
+            change = rollout.promote(
+                route, state, now, to_end=bool(arguments.get("to_end")), canary_requests=requests
+            )
+        elif verb == "abort":
+            change = rollout.abort(route, state, now, str(arguments.get("reason") or ""))
+        elif verb == "pause":
+            change = rollout.pause(route, state, now)
+        elif verb == "resume":
+            change = rollout.resume(route, state, now, canary_requests=requests)
+        elif verb == "retry":
+            change = rollout.retry(route, state, now, canary_requests=requests)
+        elif verb == "set_weight":
+            weight = arguments.get("weight_bp")
+            assert isinstance(weight, int)
+            change = rollout.set_weight(route, state, now, weight)
+        else:
+            raise ValueError(f"unknown verb {verb!r}")
+        self._apply(name, live, change)
+        return live
+
+    # -- applying a decision -----------------------------------------------------------------
+
+    def _apply(self, name: str, live: RouteState, change: rollout.Change) -> None:
+        state, transition = change
+        if transition is None:
+            live.rollout = state  # bookkeeping only (e.g. a restarted dwell): no event
+            return
+        live.adopt(state)  # the data path sees the new weight from the next request on
+        if _restarts(transition):
+            self._reset_windows(live, live.route.guard)
+        if transition.action in ("rollback", "abort"):
+            self.recorder.rolled_back(name, _rollback_reason(transition))
+        self._persist([transition])
+        (log.warning if transition.action == "rollback" else log.info)(
+            "route %s: %s -> %s, weight %s%%: %s",
+            name,
+            transition.before,
+            transition.after,
+            f"{transition.weight_after_bp / 100:g}",
+            transition.reason,
+        )
+
+    def _persist(self, transitions: list[Transition]) -> None:
+        """State file first, then the audit log: what is reported has been written."""
+        events = [_event(t) for t in transitions]
+        if self.store is not None:
+            try:
+                self.store.save({name: live.rollout.to_dict() for name, live in self.live.items()})
+                self.store.append(events)
+            except OSError as error:
+                log.error("cannot write rollout state to %s: %s", self.store.state_dir, error)
+        self.events.extend(events)
+
+    # -- the periodic tick -------------------------------------------------------------------
+
+    def start(self, stats: Callable[[str], VersionStats]) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(stats))
+
+    async def _run(self, stats: Callable[[str], VersionStats]) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.tick(stats)
+            except Exception:  # a bug here must not stop the guard for good
+                log.exception("rollout tick failed")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _restarts(transition: Transition) -> bool:
+    """A fresh start of the canary: old evidence in the windows must not judge it."""
+    return transition.action in ("start", "new_revision", "retry")
+
+
+def _rollback_reason(transition: Transition) -> str:
+    """A bounded label for `canary_proxy_rollbacks_total{reason}`."""
+    if transition.actor == "admin":
+        return "admin"
+    text = transition.reason
+    if "p99" in text:
+        return "latency"
+    if "exceeds stable" in text:
+        return "error_rate_increase"
+    return "error_rate"
+
+
+def _event(transition: Transition) -> dict[str, object]:
+    event = transition.to_dict()
+    event["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(transition.at))
+    return event

@@ -1,0 +1,243 @@
+"""Sliding windows: what falls inside the span, slot-by-slot expiry, clock jumps both ways, and a
+p99 within the histogram's resolution; the structure never grows with traffic."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import tracemalloc
+from collections.abc import Callable
+from typing import Final
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.window import LATENCY_BOUNDS, SlidingWindow, WindowCounts
+
+SPAN: Final = 10.0
+SLOTS: Final = 20
+WIDTH: Final = SPAN / SLOTS  # 0.5 s: exact in binary, so slot edges are exact too
+RESOLUTION: Final = max(b / a for a, b in itertools.pairwise(LATENCY_BOUNDS))
+
+
+def exact_p99(latencies: list[float]) -> float:
+    """Nearest-rank p99: the observation of rank ceil(0.99 n) in sorted order."""
+    ordered = sorted(latencies)
+    return ordered[math.ceil(0.99 * len(ordered)) - 1]
+
+
+def window_with(latencies: list[float], *, now: float = 1.0) -> SlidingWindow:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    for latency in latencies:
+        window.record(now, error=False, latency=latency)
+    return window
+
+
+def bucket_of(latency: float) -> float | None:
+    """The upper bound of the bucket a lone request of this latency reports as the p99."""
+    return window_with([latency]).snapshot(1.0).p99
+
+
+def test_an_empty_window_has_no_requests_no_errors_no_p99_and_a_zero_error_rate() -> None:
+    counts = SlidingWindow(SPAN).snapshot(123.0)
+    assert counts == WindowCounts(requests=0, errors=0, p99=None)
+    assert counts.error_rate == 0.0
+
+
+def test_the_error_rate_is_errors_over_requests() -> None:
+    assert WindowCounts(requests=200, errors=62, p99=0.1).error_rate == pytest.approx(0.31)
+
+
+def test_every_request_and_error_recorded_inside_the_span_is_counted() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    now = 100.0
+    for i in range(40):  # one request every 0.25 s for 10 s, every fourth an error
+        window.record(now + i * 0.25, error=i % 4 == 0, latency=0.01)
+    counts = window.snapshot(now + 9.75)
+    assert (counts.requests, counts.errors) == (40, 10)
+
+
+def test_slots_expire_one_at_a_time_as_the_window_slides_past_them() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    for slot in range(SLOTS):  # slot k gets k + 1 requests, all errors in even slots
+        for _ in range(slot + 1):
+            window.record(slot * WIDTH, error=slot % 2 == 0, latency=0.01)
+    total = SLOTS * (SLOTS + 1) // 2
+    assert window.snapshot(SPAN - WIDTH).requests == total
+    for expired in range(SLOTS):
+        counts = window.snapshot(SPAN + expired * WIDTH)  # enters tick SLOTS + expired
+        assert counts.requests == total - sum(k + 1 for k in range(expired + 1))
+        assert counts.errors == sum(k + 1 for k in range(expired + 1, SLOTS) if k % 2 == 0)
+    assert window.snapshot(2 * SPAN).requests == 0
+
+
+def test_a_request_stays_in_the_window_for_between_span_minus_one_slot_and_span() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    window.record(0.49, error=True, latency=0.01)  # late in the first slot [0, 0.5)
+    assert window.snapshot(SPAN - 0.01).requests == 1
+    assert window.snapshot(SPAN).requests == 0
+
+
+def test_a_jump_further_than_the_span_forgets_everything() -> None:
+    window = window_with([0.01] * 50, now=5.0)
+    window.record(5.0, error=True, latency=0.2)
+    assert window.snapshot(5.0 + SPAN + 0.75) == WindowCounts(requests=0, errors=0, p99=None)
+    window.record(5.0 + SPAN + 1.0, error=False, latency=0.02)
+    assert window.snapshot(5.0 + SPAN + 1.0).requests == 1
+
+
+def test_recording_after_a_long_silence_counts_only_the_new_request() -> None:
+    window = window_with([0.01] * 50, now=5.0)
+    window.record(1_000.0, error=True, latency=0.2)
+    assert window.snapshot(1_000.0) == WindowCounts(requests=1, errors=1, p99=bucket_of(0.2))
+
+
+def test_a_clock_that_steps_back_records_into_the_current_slot_without_crashing() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    window.record(50.0, error=False, latency=0.01)
+    window.record(49.8, error=True, latency=0.01)  # jitter into the previous slot's time
+    window.record(45.0, error=True, latency=0.01)  # even a big step back is only clamped
+    assert window.snapshot(49.9) == window.snapshot(50.0)
+    assert (window.snapshot(50.0).requests, window.snapshot(50.0).errors) == (3, 2)
+    # All three live in the slot of t=50, so they expire together with it.
+    assert window.snapshot(59.99).requests == 3
+    assert window.snapshot(60.0).requests == 0
+
+
+def test_clear_forgets_everything_and_the_window_works_afterwards() -> None:
+    window = window_with([0.01, 0.5, 3.0], now=7.0)
+    window.clear()
+    assert window.snapshot(7.0) == WindowCounts(requests=0, errors=0, p99=None)
+    window.record(7.0, error=True, latency=0.01)
+    assert window.snapshot(7.0).errors == 1
+
+
+def test_a_single_slot_window_empties_on_each_new_tick() -> None:
+    window = SlidingWindow(1.0, slots=1)
+    window.record(3.2, error=True, latency=0.01)
+    window.record(3.9, error=False, latency=0.01)
+    assert window.snapshot(3.99).requests == 2
+    assert window.snapshot(4.0).requests == 0
+
+
+@pytest.mark.parametrize(("span", "slots"), [(0.0, 20), (-1.0, 20), (math.nan, 20), (10.0, 0)])
+def test_a_window_needs_a_positive_span_and_at_least_one_slot(span: float, slots: int) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        SlidingWindow(span, slots=slots)
+
+
+def test_latency_bounds_are_log_spaced_from_half_a_millisecond_to_a_minute() -> None:
+    assert LATENCY_BOUNDS[0] == 0.0005
+    assert LATENCY_BOUNDS[-1] == 60.0
+    assert list(LATENCY_BOUNDS) == sorted(set(LATENCY_BOUNDS))
+    assert RESOLUTION <= 1.15
+
+
+@pytest.mark.parametrize(
+    ("latency", "p99"),
+    [
+        (0.0, LATENCY_BOUNDS[0]),
+        (-0.002, LATENCY_BOUNDS[0]),  # a clock stepping back mid-request: fastest bucket
+        (LATENCY_BOUNDS[10], LATENCY_BOUNDS[10]),  # a bound is inside its own bucket (`le`)
+        (LATENCY_BOUNDS[10] * 1.0001, LATENCY_BOUNDS[11]),
+        (60.0, 60.0),
+        (60.01, math.inf),  # the overflow bucket has no upper bound
+    ],
+)
+def test_a_latency_lands_in_the_bucket_whose_upper_bound_is_the_first_at_or_above_it(
+    latency: float, p99: float
+) -> None:
+    assert bucket_of(latency) == p99
+
+
+def test_the_p99_is_the_nearest_rank_observation_not_an_outlier_beyond_it() -> None:
+    one_slow = [0.01] * 99 + [5.0]  # rank ceil(99) = 99: still fast
+    two_slow = [0.01] * 98 + [5.0] * 2  # rank 99 is slow
+    assert window_with(one_slow).snapshot(1.0).p99 == bucket_of(0.01)
+    assert window_with(two_slow).snapshot(1.0).p99 == bucket_of(5.0)
+
+
+def _uniform(rng: random.Random) -> float:
+    return rng.uniform(0.001, 2.0)
+
+
+def _lognormal(rng: random.Random) -> float:
+    return rng.lognormvariate(math.log(0.05), 0.8)
+
+
+def _exponential(rng: random.Random) -> float:
+    return rng.expovariate(1 / 0.03)
+
+
+def _bimodal(rng: random.Random) -> float:  # a cache: mostly hits, 3 % slow misses
+    return rng.gauss(0.4, 0.05) if rng.random() < 0.03 else rng.gauss(0.004, 0.001)
+
+
+def _pareto(rng: random.Random) -> float:  # heavy tail
+    return 0.002 * rng.paretovariate(1.5)
+
+
+@pytest.mark.parametrize("draw", [_uniform, _lognormal, _exponential, _bimodal, _pareto])
+@pytest.mark.parametrize("count", [100, 1_000, 20_000])
+def test_the_p99_is_within_one_bucket_above_the_exact_p99(
+    draw: Callable[[random.Random], float], count: int
+) -> None:
+    rng = random.Random(f"{draw.__name__}-{count}")
+    latencies = [draw(rng) for _ in range(count)]
+    exact = exact_p99(latencies)
+    estimate = window_with(latencies).snapshot(1.0).p99
+    assert estimate is not None
+    assert exact <= estimate <= exact * RESOLUTION
+
+
+@given(
+    st.lists(
+        st.floats(min_value=LATENCY_BOUNDS[0], max_value=LATENCY_BOUNDS[-1]),
+        min_size=1,
+        max_size=500,
+    )
+)
+def test_any_latencies_in_range_give_a_p99_at_most_one_bucket_above_the_exact_one(
+    latencies: list[float],
+) -> None:
+    exact = exact_p99(latencies)
+    estimate = window_with(latencies).snapshot(1.0).p99
+    assert estimate is not None
+    assert exact <= estimate <= exact * RESOLUTION
+
+
+def test_the_p99_forgets_expired_slow_requests() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    for _ in range(10):
+        window.record(0.0, error=False, latency=2.0)
+    for i in range(100):
+        window.record(5.0 + i * 0.05, error=False, latency=0.01)
+    assert window.snapshot(9.99).p99 == bucket_of(2.0)
+    assert window.snapshot(10.0).p99 == bucket_of(0.01)
+
+
+def _traffic(window: SlidingWindow, *, start: float, requests: int, rng: random.Random) -> float:
+    # 2 000 requests per simulated second, so every slot of the ring is entered many times.
+    now = start
+    for _ in range(requests):
+        now += 0.0005
+        window.record(now, error=rng.random() < 0.01, latency=rng.expovariate(20.0))
+    window.snapshot(now)
+    return now
+
+
+def test_the_memory_a_window_holds_does_not_grow_with_the_number_of_records() -> None:
+    rng = random.Random(7)
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    now = _traffic(window, start=0.0, requests=20_000, rng=rng)  # every code path warmed up
+    tracemalloc.start()
+    try:
+        now = _traffic(window, start=now, requests=1_000, rng=rng)
+        after_few = tracemalloc.get_traced_memory()[0]
+        _traffic(window, start=now, requests=200_000, rng=rng)  # 100 s: five trips round
+        after_many = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after_many - after_few < 4_096  # a few boxed ints at most, never per record
