@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-ScenarioName = Literal["small", "sticky", "large"]
+ScenarioName = Literal["small", "sticky", "guarded", "large"]
 
 CANARY_WEIGHT: Final = 10  # percent of requests to the canary, in every proxy
 STICKY_HEADER: Final = "X-User-ID"
@@ -28,6 +28,7 @@ class Scenario:
     sticky: bool  # wrk sends a random X-User-ID per request; the proxies hash it
     body_bytes: int
     description: str
+    guard: bool = False  # canary-proxy runs its live guard (the peers have no equivalent)
 
 
 SCENARIOS: Final = (
@@ -44,6 +45,14 @@ SCENARIOS: Final = (
         sticky=True,
         body_bytes=len(SMALL_BODY),
         description=f"as small, with a random {STICKY_HEADER} per request hashed by the proxy",
+    ),
+    Scenario(
+        name="guarded",
+        path="/",
+        sticky=True,
+        body_bytes=len(SMALL_BODY),
+        description="as sticky, with canary-proxy's live guard on (window 10s, p99 limit)",
+        guard=True,
     ),
     Scenario(
         name="large",
@@ -166,10 +175,17 @@ backend versions
 """
 
 
-def canary_proxy_yaml(*, home: Path, port: int, upstream_port: int, sticky: bool) -> str:
+def canary_proxy_yaml(
+    *, home: Path, port: int, upstream_port: int, sticky: bool, guard: bool = False
+) -> str:
     """canary-proxy under test: one route whose stable and canary are both the upstream."""
     upstream = f'["http://127.0.0.1:{upstream_port}"]'
     sticky_line = f"\n      sticky: {{header: {STICKY_HEADER}}}" if sticky else ""
+    if guard:
+        sticky_line += (
+            "\n    guard: {window: 10s, min_requests: 20, max_error_rate: 0.05,"
+            " max_error_rate_increase: 0.02, max_p99_latency: 1s}"
+        )
     return f"""\
 listen: "127.0.0.1:{port}"
 admin: {{listen: "127.0.0.1:0"}}

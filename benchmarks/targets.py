@@ -91,7 +91,11 @@ def _start_canary_proxy(
     home = _home(host, f"{scenario.name}-canary-proxy")
     port = free_port()
     yaml = canary_proxy_yaml(
-        home=home, port=port, upstream_port=upstream_port, sticky=scenario.sticky
+        home=home,
+        port=port,
+        upstream_port=upstream_port,
+        sticky=scenario.sticky,
+        guard=scenario.guard,
     )
     config = _write(home / "proxy.yaml", yaml)
     argv = [str(host.canary_proxy), "run", "--config", str(config)]
