@@ -243,6 +243,9 @@ class Controller:
             self._reset_windows(live, live.route.guard)
         if transition.action in ("rollback", "abort"):
             self.recorder.rolled_back(name, _rollback_reason(transition))
+        if transition.action in ("rollback", "observe_breach"):
+            action = "rollback" if transition.action == "rollback" else "observe"
+            self.recorder.guard_breached(name, action)
         self._persist([transition])
         (log.warning if transition.action == "rollback" else log.info)(
             "route %s: %s -> %s, weight %s%%: %s",

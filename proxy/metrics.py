@@ -82,6 +82,7 @@ class Recorder:
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_successful = True
         self.rollbacks: dict[tuple[str, str], int] = {}
+        self.breaches: dict[tuple[str, str], int] = {}
 
     def stats_for(self, route: str, version: str) -> VersionStats:
         stats = self._stats.get((route, version))
@@ -94,6 +95,7 @@ class Recorder:
         keep = set(names)
         self._stats = {key: s for key, s in self._stats.items() if key[0] in keep}
         self.rollbacks = {key: n for key, n in self.rollbacks.items() if key[0] in keep}
+        self.breaches = {key: n for key, n in self.breaches.items() if key[0] in keep}
 
     def record_rejected(self, status: int) -> None:
         self._rejected[status] = self._rejected.get(status, 0) + 1
@@ -108,6 +110,10 @@ class Recorder:
 
     def rolled_back(self, route: str, reason: str) -> None:
         self.rollbacks[(route, reason)] = self.rollbacks.get((route, reason), 0) + 1
+
+    def guard_breached(self, route: str, action: str) -> None:
+        """A breach the guard acted on (`rollback`) or only recorded (`observe`)."""
+        self.breaches[(route, action)] = self.breaches.get((route, action), 0) + 1
 
     # -- views (tests and the admin API read these) ----------------------------------------
 
@@ -179,6 +185,15 @@ class ProxyCollector(Collector):
         for (route, reason), n in sorted(recorder.rollbacks.items()):
             rollbacks.add_metric([route, reason], n)
         yield rollbacks
+        breaches = CounterMetricFamily(
+            "canary_proxy_guard_breaches",
+            "Guard breaches: acted on (action=rollback) or only recorded (action=observe, "
+            "once per ramp step).",
+            labels=["route", "action"],
+        )
+        for (route, action), n in sorted(recorder.breaches.items()):
+            breaches.add_metric([route, action], n)
+        yield breaches
         yield from self._reloads(recorder)
         connections = GaugeMetricFamily(
             "canary_proxy_client_connections", "Open client connections on the data plane."

@@ -9,6 +9,7 @@ lives in the holder, keyed by stable names: live route state by route name, upst
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -105,10 +106,11 @@ class RuntimeHolder:
         rng: Callable[[], float] = random.random,
         recorder: Recorder | None = None,
         store: StateStore | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.rng = rng
         self.outcomes = recorder or Recorder()
-        self.controller = Controller(self.outcomes, store)
+        self.controller = Controller(self.outcomes, store, wall=wall)
         self.instances: dict[str, Instance] = {}
         self._generation = 0
         self.current, instances, plans = self._build(config)
