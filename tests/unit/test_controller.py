@@ -148,4 +148,5 @@ def test_a_reload_that_changes_nothing_about_a_route_keeps_its_windows() -> None
     holder.swap(config())
     kept = holder.current.routes["shop"].state
     assert kept.canary_window is window
-    assert window is not None and window.snapshot(monotonic()).requests == 7
+    assert window is not None
+    assert window.snapshot(monotonic()).requests == 7
