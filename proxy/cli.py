@@ -74,12 +74,14 @@ def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         sub = client(verb, help_text)
         sub.add_argument("route")
         if verb == "promote":
-            sub.add_argument("--to", type=float, default=None, help="jump to this percent")
+            sub.add_argument(
+                "--to", type=float, choices=[100.0], default=None, help="100: finish the ramp"
+            )
         if verb == "abort":
             sub.add_argument("--reason", default="aborted by an operator")
     weight = client("set-weight", "set the canary weight (pauses the ramp)")
     weight.add_argument("route")
-    weight.add_argument("percent", type=float)
+    weight.add_argument("percent", type=_percent, help="0 to 100, at most two decimals")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +120,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse only lets known commands through
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100 or abs(value * 100 - round(value * 100)) > 1e-6:
+        raise argparse.ArgumentTypeError("must be from 0 to 100 with at most two decimals")
+    return value
+
+
 def _admin(args: argparse.Namespace) -> int:
     from proxy.client import AdminError, call, format_status, route_path
 
@@ -136,7 +148,8 @@ def _admin(args: argparse.Namespace) -> int:
     except AdminError as error:
         print(f"canary-proxy: {error}", file=sys.stderr)
         return EXIT_RUNTIME
-    print(f"{route.get('name')}: {route.get('state')}, weight {route.get('weight')}%")
+    weight = float(str(route.get("weight", 0)))
+    print(f"{route.get('name')}: {route.get('state')}, weight {weight:g}%")
     return EXIT_OK
 
 
