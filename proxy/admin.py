@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy.config import Admin, ConfigError
 from proxy.control import Reloader
-from proxy.controller import RECENT_EVENTS
+from proxy.controller import RECENT_EVENTS, PersistError
 from proxy.rollout import RolloutError
 from proxy.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
 from proxy.window import WindowCounts
@@ -134,8 +134,9 @@ async def _require_token(request: web.Request, handler: Handler) -> web.StreamRe
     if token is not None and request.method in MUTATING_METHODS:
         offered = request.headers.get("Authorization", "")
         scheme, _, value = offered.partition(" ")
+        offered_token = value.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
+            offered_token, token.encode("utf-8", "surrogateescape")
         ):
             response = _error(401, "missing or wrong bearer token")
             response.headers["WWW-Authenticate"] = 'Bearer realm="canary-proxy admin"'
@@ -302,6 +303,8 @@ def _act(request: web.Request, verb: str, arguments: dict[str, object]) -> web.R
         holder.controller.act(name, verb, holder.canary_stats(name), **arguments)
     except RolloutError as error:
         return _error(409, str(error))
+    except PersistError as error:
+        return _error(503, f"{error}; nothing changed")
     except ValueError as error:
         return _error(400, str(error))
     return web.json_response(route_document(route))

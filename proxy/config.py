@@ -729,9 +729,20 @@ def _upstream(ctx: _Context, raw: object) -> Upstream | None:
         ctx.report(problem)
         return None
     host = str(parts.hostname)
+    if ":" not in host and not _encodable_host(host):
+        ctx.report("the host name is not a valid DNS name (a label is empty or over 63 bytes)")
+        return None
     port = 80 if port is None else port
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return Upstream(url=f"http://{netloc}", host=host, port=port)
+
+
+def _encodable_host(host: str) -> bool:
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _upstream_problem(parts: SplitResult, port: int | None) -> str | None:

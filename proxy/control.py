@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy.config import Config, ConfigError, ConfigProblem
 from proxy.loader import load_config_file, parse_config_text
-from proxy.runtime import RuntimeHolder
+from proxy.runtime import Prepared, RuntimeHolder
 from proxy.store import write_atomically
 
 log = logging.getLogger("canary_proxy")
@@ -73,27 +73,42 @@ class Reloader:
         base_dir = os.path.dirname(os.path.abspath(self.config_path or "proxy.yaml"))
         try:
             config = parse_config_text(text, base_dir=base_dir, content_type=content_type)
-            commits = self._accept(config)
+            commits, built = self._accept(config)
         except ConfigError as error:
             raise self._failed(error) from None
         if self.config_path is not None:
-            write_atomically(self.config_path, text)
-        return self._swap(config, commits)
+            try:
+                write_atomically(self.config_path, text)
+            except OSError as error:
+                self.holder.outcomes.reload_failed()
+                raise error
+        return self._swap(config, commits, built)
 
     def _apply(self, config: Config) -> ReloadResult:
         try:
-            commits = self._accept(config)
+            commits, built = self._accept(config)
         except ConfigError as error:
             raise self._failed(error) from None
-        return self._swap(config, commits)
+        return self._swap(config, commits, built)
 
-    def _accept(self, config: Config) -> list[Callable[[], None]]:
+    def _accept(self, config: Config) -> tuple[list[Callable[[], None]], Prepared]:
+        """Everything that can fail, before anything changes: restart-only fields, the
+        preparers, and building the complete runtime."""
         self._check_restart_only(config)
-        return [prepare(config) for prepare in self._preparers]
+        commits = [prepare(config) for prepare in self._preparers]
+        try:
+            built = self.holder.prepare(config)
+        except Exception as error:  # a config the parser accepted but the runtime cannot use
+            log.exception("building the runtime for the new config failed")
+            problem = ConfigProblem(path="", message=f"cannot build the runtime: {error}")
+            raise ConfigError((problem,)) from None
+        return commits, built
 
-    def _swap(self, config: Config, commits: list[Callable[[], None]]) -> ReloadResult:
+    def _swap(
+        self, config: Config, commits: list[Callable[[], None]], built: Prepared
+    ) -> ReloadResult:
         old = self.holder.current.config
-        self.holder.swap(config)
+        self.holder.install(built)
         for commit in commits:
             commit()
         self.holder.outcomes.reload_succeeded()
@@ -108,6 +123,10 @@ class Reloader:
         if config.listen != current.listen:
             problems.append(
                 ConfigProblem(path="listen", message="changing the listen address needs a restart")
+            )
+        if config.state_dir != current.state_dir:
+            problems.append(
+                ConfigProblem(path="state_dir", message="changing state_dir needs a restart")
             )
         if config.admin.listen != current.admin.listen:
             problems.append(

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
@@ -85,6 +85,13 @@ class Plan:
     fresh_windows: bool
 
 
+class PersistError(Exception):
+    """An admin decision could not be written to state_dir, so it was not applied."""
+
+
+ABORTED_REVISIONS_KEY: Final = "aborted_revisions"  # stored beside RolloutState's own fields
+
+
 class Controller:
     """Owns every route's RouteState and the decisions that change it."""
 
@@ -100,21 +107,29 @@ class Controller:
         self.wall = wall
         self.live: dict[str, RouteState] = {}
         self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
+        # Routes not in the current config keep their record (an abort must survive a reload
+        # that drops the route and one that brings it back).
         self._saved: dict[str, RolloutState] = {}
+        # Canary revisions rolled back per route: a config that reverts to one stays aborted.
+        self.aborted_revisions: dict[str, set[str]] = {}
+        self._unwritten: list[dict[str, object]] = []  # decided, not yet on disk
+        self._dirty = False
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         if store is not None:
-            self._saved = self._load(store)
+            self._load(store)
             self.events.extend(store.recent(RECENT_EVENTS))
 
-    @staticmethod
-    def _load(store: StateStore) -> dict[str, RolloutState]:
-        saved = {}
+    def _load(self, store: StateStore) -> None:
         for name, record in store.load().items():
             try:
-                saved[name] = RolloutState.from_dict(record)
+                self._saved[name] = RolloutState.from_dict(record)
             except ValueError as error:
                 log.error("ignoring the saved state of route %s: %s", name, error)
-        return saved
+                continue
+            revisions = record.get(ABORTED_REVISIONS_KEY)
+            if isinstance(revisions, list):
+                self.aborted_revisions[name] = {str(r) for r in revisions}
 
     # -- config generations ------------------------------------------------------------------
 
@@ -127,19 +142,38 @@ class Controller:
             canary_requests = stats(route.name).requests
             if live is None:
                 saved = self._saved.get(route.name)
-                change = rollout.restore(route, saved, now, canary_requests=canary_requests)
+                # After a restart the dwell restarts (restore); a route re-added by a reload
+                # picks up its record as it was (reconcile).
+                bring_back = rollout.reconcile if self._started else rollout.restore
+                change = bring_back(route, saved, now, canary_requests=canary_requests)
                 live = RouteState(route, change[0])
             else:
                 change = rollout.reconcile(
                     route, live.rollout, now, canary_requests=canary_requests
                 )
+            change = self._refuse_reverts(route, change, now)
             fresh = live.guard != route.guard or (change[1] is not None and _restarts(change[1]))
             plans.append(Plan(live=live, route=route, change=change, fresh_windows=fresh))
         return plans
 
+    def _refuse_reverts(self, route: Route, change: rollout.Change, now: float) -> rollout.Change:
+        state, transition = change
+        revision = route.canary.revision if route.canary else None
+        if state.state == "aborted" or revision not in self.aborted_revisions.get(route.name, ()):
+            return change
+        refused, refusal = rollout.refuse_aborted_revision(route, state, now)
+        if transition is not None and refusal is not None:
+            refusal = replace(refusal, before=transition.before)
+            refusal = replace(refusal, weight_before_bp=transition.weight_before_bp)
+        return refused, refusal
+
     def commit(self, plans: list[Plan]) -> None:
         """The new config is in: apply its planned states, then persist and audit them."""
         transitions = []
+        names = {plan.route.name for plan in plans}
+        left = {name: live.rollout for name, live in self.live.items() if name not in names}
+        self._saved = {n: s for n, s in self._saved.items() if n not in names} | left
+        self._started = True
         self.live = {}
         for plan in plans:
             live = plan.live
@@ -150,9 +184,10 @@ class Controller:
                 self._reset_windows(live, plan.route.guard)
             self.live[plan.route.name] = live
             if transition is not None:
+                self._note_revisions(plan.route.name, transition, state)
                 transitions.append(transition)
-        self._saved = {}
-        self._persist(transitions)
+        # Best effort: the config is in already; a failed write is retried on every tick.
+        self._write(transitions, {})
 
     @staticmethod
     def _reset_windows(live: RouteState, guard: Guard | None) -> None:
@@ -169,7 +204,7 @@ class Controller:
     def canary_failed(self, route: RouteRuntime) -> None:
         """Called by the data path for every canary error: assess now, act now."""
         live = route.state
-        if live.guard is not None and not live.aborted:
+        if live.guard is not None and not live.aborted and self.live.get(route.name) is live:
             self._assess(route.name, live, monotonic())
 
     def _assess(self, name: str, live: RouteState, now: float) -> Assessment | None:
@@ -186,6 +221,8 @@ class Controller:
 
     def tick(self, stats: Callable[[str], VersionStats]) -> None:
         """Assess every guarded route (latency breaches need no error to show) and move ramps."""
+        if self._dirty:
+            self._write([], {})  # a state_dir write failed earlier: try again
         now = monotonic()
         for name, live in list(self.live.items()):
             if live.aborted or live.rollout.state == "promoted":
@@ -238,6 +275,17 @@ class Controller:
         if transition is None:
             live.rollout = state  # bookkeeping only (e.g. a restarted dwell): no event
             return
+        # Written before it is applied or reported. An admin decision that cannot be written
+        # is refused (PersistError); the guard's rollback applies all the same, because
+        # stopping traffic to a failing canary matters more, and its write is retried.
+        before = set(self.aborted_revisions.get(name, ()))
+        self._note_revisions(name, transition, state)
+        written = self._write([transition], {name: state})
+        if not written:
+            if transition.actor == "admin":
+                self.aborted_revisions[name] = before
+                raise PersistError(f"cannot write the rollout state to {self._state_dir()}")
+            self._unwritten.append(_event(transition))  # retried, and reported, on the tick
         live.adopt(state)  # the data path sees the new weight from the next request on
         if _restarts(transition):
             self._reset_windows(live, live.route.guard)
@@ -246,7 +294,6 @@ class Controller:
         if transition.action in ("rollback", "observe_breach"):
             action = "rollback" if transition.action == "rollback" else "observe"
             self.recorder.guard_breached(name, action)
-        self._persist([transition])
         (log.warning if transition.action == "rollback" else log.info)(
             "route %s: %s -> %s, weight %s%%: %s",
             name,
@@ -256,16 +303,48 @@ class Controller:
             transition.reason,
         )
 
-    def _persist(self, transitions: list[Transition]) -> None:
-        """State file first, then the audit log: what is reported has been written."""
-        events = [_event(t) for t in transitions]
+    def _note_revisions(self, name: str, transition: Transition, state: RolloutState) -> None:
+        revisions = self.aborted_revisions.setdefault(name, set())
+        if state.state == "aborted" and state.revision is not None:
+            revisions.add(state.revision)
+        elif transition.action == "retry" and state.revision is not None:
+            revisions.discard(state.revision)
+
+    def _state_dir(self) -> str:
+        return self.store.state_dir if self.store is not None else "(no state_dir)"
+
+    def _write(self, transitions: list[Transition], pending: dict[str, RolloutState]) -> bool:
+        """State file first, then the audit log; events are reported (in `events`) only once
+        written. `pending` are states about to be adopted. Returns False if the disk refused."""
+        self._unwritten.extend(_event(t) for t in transitions)
         if self.store is not None:
+            records = self._records(pending)
             try:
-                self.store.save({name: live.rollout.to_dict() for name, live in self.live.items()})
-                self.store.append(events)
+                self.store.save(records)
+                self.store.append(self._unwritten)
             except OSError as error:
                 log.error("cannot write rollout state to %s: %s", self.store.state_dir, error)
-        self.events.extend(events)
+                self._dirty = True
+                if pending:  # not adopted: the caller decides what becomes of its events
+                    del self._unwritten[len(self._unwritten) - len(transitions) :]
+                return False
+        self._dirty = False
+        self.events.extend(self._unwritten)
+        self._unwritten = []
+        return True
+
+    def _records(self, pending: dict[str, RolloutState]) -> dict[str, dict[str, object]]:
+        states = dict(self._saved)
+        states.update({name: live.rollout for name, live in self.live.items()})
+        states.update(pending)
+        records = {}
+        for name, state in states.items():
+            record = state.to_dict()
+            aborted = self.aborted_revisions.get(name)
+            if aborted:
+                record[ABORTED_REVISIONS_KEY] = sorted(aborted)
+            records[name] = record
+        return records
 
     # -- the periodic tick -------------------------------------------------------------------
 

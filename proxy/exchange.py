@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
 from proxy.runtime import CANARY, STABLE, RouteRuntime, Runtime
 from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
+from proxy.window import SlidingWindow
 
 if TYPE_CHECKING:
     from proxy.server import ClientConnection
@@ -86,6 +87,7 @@ class Exchange:
         "upgrade",
         "upstream",
         "version",
+        "window",
     )
 
     def __init__(
@@ -106,6 +108,9 @@ class Exchange:
         self.started = started
         self.route: RouteRuntime | None = None
         self.version = STABLE
+        # The guard window this request counts in, fixed when it is routed: if the windows
+        # are reset meanwhile (retry, new revision), its outcome is old evidence and is dropped.
+        self.window: SlidingWindow | None = None
         self.pool: VersionPool | None = None
         self.instance: Instance | None = None
         self.head = b""
@@ -497,13 +502,12 @@ class Exchange:
         duration = now - self.started
         canary = self.version == CANARY
         (route.canary_stats if canary else route.stable_stats).observe(status, duration)
-        live = route.state
-        window = live.canary_window if canary else live.stable_window
+        window = self.window
         if window is None or status == 499:
             return  # no guard, or a client that left: no evidence either way (DESIGN.md §6)
         error = status >= 500
         window.record(now, error=error, latency=duration)
-        if error and canary:
+        if error and canary and window is route.state.canary_window:
             self.client.holder.controller.canary_failed(route)
 
     def _finish(self) -> None:

@@ -357,6 +357,14 @@ def abort(route: Route, state: RolloutState, now: float, reason: str) -> Change:
     )
 
 
+def refuse_aborted_revision(route: Route, state: RolloutState, now: float) -> Change:
+    """A config brings back a canary revision that was rolled back before (a revert): it
+    stays aborted until `retry`, as if the abort had never been left."""
+    revision = _revision(route) or "(unnamed)"
+    reason = f"revision {revision} was rolled back before; retry it to send it traffic"
+    return _abort(route, state, now, actor="config", action="restore", reason=reason)
+
+
 def pause(route: Route, state: RolloutState, now: float) -> Change:
     """Freeze the weight: the ramp stops and a reload no longer moves it."""
     _require(route, state, ("steady", "progressing"), "pause")

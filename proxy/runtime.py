@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from proxy.config import Config, Route, Upstream
@@ -96,6 +97,15 @@ class Runtime:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A fully built next generation, not yet installed."""
+
+    runtime: Runtime
+    instances: dict[str, Instance]
+    plans: list[Plan]
+
+
 class RuntimeHolder:
     """Holds the current runtime; `swap` installs a new config in one assignment."""
 
@@ -149,12 +159,19 @@ class RuntimeHolder:
         self.instances = {u: i for u, i in instances.items() if u in in_use}
         self.outcomes.keep_routes(runtime.routes)
 
+    def prepare(self, config: Config) -> Prepared:
+        """Build the whole next generation; nothing live changes until `install`."""
+        return Prepared(*self._build(config))
+
+    def install(self, prepared: Prepared) -> Runtime:
+        """Swap one reference to the prepared generation; returns the old runtime."""
+        old, self.current = self.current, prepared.runtime
+        self._adopt(prepared.runtime, prepared.instances, prepared.plans)
+        return old
+
     def swap(self, config: Config) -> Runtime:
         """Build the whole new runtime first, then swap one reference; returns the old one."""
-        new, instances, plans = self._build(config)
-        old, self.current = self.current, new
-        self._adopt(new, instances, plans)
-        return old
+        return self.install(self.prepare(config))
 
     def all_instances(self) -> Iterator[Instance]:
         return iter(self.instances.values())

@@ -463,7 +463,13 @@ class ClientConnection(asyncio.Protocol):
 
         version_name = self._choose_version(route_rt, host_text, cookie)
         exchange.version = version_name
-        pool = route_rt.canary if version_name == CANARY else route_rt.stable
+        live = route_rt.state
+        if version_name == CANARY:
+            pool = route_rt.canary
+            exchange.window = live.canary_window
+        else:
+            pool = route_rt.stable
+            exchange.window = live.stable_window
         assert pool is not None
         exchange.pool = pool
         instance = pool.pick(exchange.started)
@@ -636,10 +642,13 @@ class Server:
             interval = min(0.5, max(0.02, min(timeouts.client_header, timeouts.idle) / 10))
             await asyncio.sleep(interval)
             now = self.loop.time()
-            self.sweep(now)
-            if now - last_pool_sweep >= 1.0:
-                last_pool_sweep = now
-                self._sweep_pools(monotonic() - timeouts.idle)
+            try:
+                self.sweep(now)
+                if now - last_pool_sweep >= 1.0:
+                    last_pool_sweep = now
+                    self._sweep_pools(monotonic() - timeouts.idle)
+            except Exception:  # one bad connection must not stop every timeout for good
+                log.exception("deadline sweep failed")
 
     def sweep(self, now: float) -> None:
         idle = self.holder.current.config.timeouts.idle

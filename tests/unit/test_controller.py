@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from time import monotonic
 
+import pytest
+
 from proxy.config import Config, parse_config
+from proxy.controller import PersistError
 from proxy.runtime import RouteRuntime, RuntimeHolder
 from proxy.store import StateStore
 
@@ -150,3 +153,59 @@ def test_a_reload_that_changes_nothing_about_a_route_keeps_its_windows() -> None
     assert kept.canary_window is window
     assert window is not None
     assert window.snapshot(monotonic()).requests == 7
+
+
+def test_a_config_that_reverts_to_a_rolled_back_revision_stays_aborted(tmp_path: Path) -> None:
+    holder = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    feed(holder.current.routes["shop"], holder, ok=20, errors=5)  # v2 rolled back
+    v3 = {"upstreams": ["http://127.0.0.1:9002"], "revision": "v3"}
+    holder.swap(config(canary=v3))
+    assert not holder.current.routes["shop"].state.aborted
+    holder.swap(config())  # back to v2
+    assert holder.current.routes["shop"].state.aborted
+    again = RuntimeHolder(config(), store=StateStore(str(tmp_path)))  # and after a restart
+    assert again.current.routes["shop"].state.aborted
+    again.controller.act("shop", "retry", again.canary_stats("shop"))
+    assert not again.current.routes["shop"].state.aborted
+    restarted = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    assert not restarted.current.routes["shop"].state.aborted  # retry is remembered too
+
+
+def test_an_abort_survives_a_restart_with_a_config_that_lacks_the_route(tmp_path: Path) -> None:
+    holder = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="bad")
+    other = config(name="blog")
+    RuntimeHolder(other, store=StateStore(str(tmp_path)))  # restart without shop
+    back = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    assert back.current.routes["shop"].state.aborted
+
+
+def test_an_admin_decision_that_cannot_be_written_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    holder = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    (tmp_path / "state.json").unlink()
+    (tmp_path / "state.json").mkdir()  # the rename over it will fail
+    route = holder.current.routes["shop"]
+    with pytest.raises(PersistError):
+        holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="bad")
+    assert not route.state.aborted
+    assert [e["action"] for e in holder.controller.events] == ["start"]
+
+
+def test_a_guard_rollback_applies_even_when_the_disk_fails_and_is_written_later(
+    tmp_path: Path,
+) -> None:
+    holder = RuntimeHolder(config(), store=StateStore(str(tmp_path)))
+    (tmp_path / "state.json").unlink()
+    (tmp_path / "state.json").mkdir()
+    route = holder.current.routes["shop"]
+    feed(route, holder, ok=20, errors=5)
+    assert route.state.aborted  # traffic left the failing canary regardless
+    assert "rollback" not in [e["action"] for e in holder.controller.events]  # not reported yet
+    (tmp_path / "state.json").rmdir()
+    holder.controller.tick(holder.canary_stats)
+    assert json.loads((tmp_path / "state.json").read_text())["routes"]["shop"]["state"] == (
+        "aborted"
+    )
+    assert "rollback" in [e["action"] for e in holder.controller.events]

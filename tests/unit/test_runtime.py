@@ -125,13 +125,21 @@ def test_each_route_keeps_or_resets_its_own_state_independently() -> None:
     assert set(holder.states) == {"shop", "blog", "wiki"}
 
 
-def test_a_route_removed_and_added_back_starts_afresh() -> None:
+def test_an_abort_survives_a_reload_that_drops_the_route_and_one_that_brings_it_back() -> None:
     holder = RuntimeHolder(config(route("shop", 10), route("blog", 10)))
     act(holder, "blog", "abort", reason="test")
     holder.swap(config(route("shop", 10)))
     assert "blog" not in holder.states
     holder.swap(config(route("shop", 10), route("blog", 10)))
-    assert holder.current.routes["blog"].state.aborted is False
+    assert holder.current.routes["blog"].state.aborted is True
+
+
+def test_a_route_never_aborted_comes_back_with_its_state() -> None:
+    holder = RuntimeHolder(config(route("shop", 10), route("blog", 10)))
+    act(holder, "blog", "set_weight", weight_bp=3000)
+    holder.swap(config(route("shop", 10)))
+    holder.swap(config(route("shop", 10), route("blog", 10)))
+    assert holder.current.routes["blog"].state.weight_bp == 3000
 
 
 # -- upstream instances ------------------------------------------------------------------------
