@@ -234,7 +234,8 @@ class ProxyCollector(Collector):
     def _rejected(recorder: Recorder) -> Metric:
         rejected = CounterMetricFamily(
             "canary_proxy_rejected_requests",
-            "Requests the proxy refused itself (malformed, over a limit, no route), by code.",
+            "Requests the proxy refused itself (malformed, over a limit, no route), by code; "
+            "a refused request that was already routed is also in canary_proxy_requests_total.",
             labels=["code"],
         )
         for code, n in sorted(recorder.rejected.items()):
