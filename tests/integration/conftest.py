@@ -11,20 +11,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fakes import FakeUpstream, MakeProxy, ProxyHandle, RawExchange
+from fakes import TEST_TIMEOUTS, FakeUpstream, MakeProxy, ProxyHandle, RawExchange, close_writer
 
 from proxy.config import parse_config
 from proxy.runtime import RuntimeHolder
 from proxy.server import Server
-
-# Short enough that a timeout test is quick, long enough that a loaded machine never trips them.
-TEST_TIMEOUTS: dict[str, str] = {
-    "connect": "1s",
-    "response_header": "2s",
-    "idle": "5s",
-    "client_header": "2s",
-    "shutdown": "1s",
-}
 
 
 @pytest.fixture
@@ -104,9 +95,7 @@ async def _raw_exchange(
                 while chunk := await reader.read(65536):
                     received += chunk
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await close_writer(writer)
     return bytes(received)
 
 

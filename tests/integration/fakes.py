@@ -1,6 +1,7 @@
 """Fake upstreams for the integration tests: real servers on 127.0.0.1 port 0 that tag every
 response with their version and can be told to fail, stall, reset or stream (STYLE.md habit 9);
-plus the few wire-level helpers the tests share (raw responses, patterned data).
+plus the few wire-level helpers the tests share (raw responses, patterned data, free ports,
+closing a connection) and polling with a deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from proxy.server import Server
 HOST: Final = "127.0.0.1"
 CHUNK: Final = 64 * 1024
 KEEP_BODY_BYTES: Final = 1 << 20  # a recorded body is kept whole up to this size
+# A proxy's timeouts in the tests: short enough that a timeout test is quick, long enough that a
+# loaded machine never trips them.
+TEST_TIMEOUTS: Final[dict[str, str]] = {
+    "connect": "1s",
+    "response_header": "2s",
+    "idle": "5s",
+    "client_header": "2s",
+    "shutdown": "1s",
+}
 
 Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -345,9 +355,7 @@ class RawUpstream:
             self.closed_by_peer.set()
         finally:
             self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await close_writer(writer)
 
 
 def send_and_close(data: bytes) -> Script:
@@ -384,8 +392,9 @@ def upgrade_echo() -> Script:
     return script
 
 
-def dead_port() -> int:
-    """A port that refuses connections: bound, then closed without listening."""
+def unused_port() -> int:
+    """A port nothing listens on (bound, then closed without listening): a connection to it is
+    refused, and a server of the test's own may listen on it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
@@ -484,6 +493,16 @@ class MakeProxy(Protocol):
     ) -> ProxyHandle: ...
 
 
+class Listening(Protocol):
+    """Anything whose data plane listens on `host`:`port`: an in-process proxy or a process."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 class RawExchange(Protocol):
     """Send `data`, return every byte the server sends until it closes (or `timeout`)."""
 
@@ -498,13 +517,36 @@ class RawExchange(Protocol):
 
 @contextlib.asynccontextmanager
 async def raw_connection(
-    proxy: ProxyHandle,
+    proxy: Listening,
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """A plain TCP connection to the proxy, for conversations a client library would tidy up."""
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     try:
         yield reader, writer
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await close_writer(writer)
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until it is closed, even if the peer has reset it."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+# -- polling -----------------------------------------------------------------------------------
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], within: float = 3.0, every: float = 0.02
+) -> None:
+    """Poll `condition` every `every` seconds until it holds, failing (TimeoutError) after
+    `within` seconds: for state with no event to wait on (the proxy's, or another process's)."""
+    async with asyncio.timeout(within):
+        while True:
+            held = condition()
+            if not isinstance(held, bool):
+                held = await held
+            if held:
+                return
+            await asyncio.sleep(every)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import logging
@@ -14,8 +13,7 @@ import os
 import signal
 import stat
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -23,25 +21,15 @@ from typing import Any, Final, Protocol
 import aiohttp
 import pytest
 import yaml
-from fakes import FakeUpstream, stall
-from prometheus_client.parser import text_string_to_metric_families
+from fakes import TEST_TIMEOUTS, FakeUpstream, eventually, stall
+from proxy_process import CANARY_PROXY, TOKEN_ENV, running_proxy, scrape
 
 from proxy.app import Proxy
 from proxy.loader import load_config_file
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-TOKEN_ENV: Final = "CANARY_PROXY_TEST_ADMIN_TOKEN"
 TOKEN: Final = "tok-7f3a9c51e2d84b06-secret"
-TIMEOUTS: Final = {
-    "connect": "1s",
-    "response_header": "2s",
-    "idle": "5s",
-    "client_header": "2s",
-    "shutdown": "2s",
-}
-# The installed `canary-proxy` command next to this interpreter, else the same program via -m.
-_SCRIPT: Final = Path(sys.executable).with_name("canary-proxy")
-CANARY_PROXY: Final = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "proxy")
+TIMEOUTS: Final = {**TEST_TIMEOUTS, "shutdown": "2s"}
 YAML: Final = "application/yaml"
 JSON: Final = "application/json"
 
@@ -208,13 +196,10 @@ async def served_by(session: aiohttp.ClientSession, running: Running) -> str:
 
 async def metrics(session: aiohttp.ClientSession, admin: str) -> dict[tuple[str, str], float]:
     """`{(sample name, sorted labels as k=v,...): value}` from GET /metrics."""
-    async with session.get(f"{admin}/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
     return {
-        (s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
+        (name, ",".join(f"{k}={v}" for k, v in sorted(labels.items()))): value
+        for name, samples in (await scrape(session, admin)).items()
+        for labels, value in samples
     }
 
 
@@ -248,14 +233,6 @@ async def put_config(
         headers={"Content-Type": content_type, **(headers or {})},
     ) as response:
         return response.status, await response.json()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll `check` until it holds, failing after `within` seconds."""
-    async with asyncio.timeout(within):
-        # The state is behind HTTP (or in another process): no event to wait on.
-        while not await check():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 def error_paths(body: Any) -> set[str]:
@@ -352,7 +329,7 @@ async def test_readyz_turns_503_while_draining_and_healthz_stays_200(
             return response.status == 503
 
     try:
-        await eventually(not_ready)
+        await eventually(not_ready, within=10.0)
         assert (await get_json(session, f"{running.admin}/healthz"))[0] == 200
     finally:
         release.set()  # never leave the upstream handler stalled, whatever failed
@@ -841,68 +818,15 @@ def test_run_refuses_an_unreadable_or_empty_token_file(tmp_path: Path, problem: 
     assert_one_line_refusal(run_briefly(path, process_env()), "admin.token_file", str(token_file))
 
 
-@dataclass(slots=True)
-class Process:
-    process: asyncio.subprocess.Process
-    admin: str
-    log: list[str]
-
-
-@contextlib.asynccontextmanager
-async def serving(path: Path, env: dict[str, str]) -> AsyncIterator[Process]:
-    """`canary-proxy run` in the background; its admin URL read from its log; killed at the end."""
-    process = await asyncio.create_subprocess_exec(
-        *CANARY_PROXY,
-        "run",
-        "--config",
-        str(path),
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = process.stderr
-    log: list[str] = []
-
-    async def drain() -> None:  # keep reading so the pipe never fills
-        while line := await stderr.readline():
-            log.append(line.decode())
-
-    reader: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(20):
-            while "admin API listening on" not in (log[-1] if log else ""):
-                line = await stderr.readline()
-                assert line, f"exited before listening: {''.join(log)}"
-                log.append(line.decode())
-        port = int(log[-1].rsplit(":", 1)[1])
-        reader = asyncio.create_task(drain())
-        yield Process(process, f"http://127.0.0.1:{port}", log)
-    finally:
-        if process.returncode is None:
-            process.kill()
-        async with asyncio.timeout(10):
-            await process.wait()
-            if reader is not None:
-                await reader  # ends at EOF, once the process is gone
-
-
-async def stop_process(running: Process) -> int:
-    running.process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(15):
-        return await running.process.wait()
-
-
 async def test_sighup_makes_a_running_process_reload_its_config_file(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     path = tmp_path / "proxy.yaml"
     write_config(path, weight=0)
-    async with serving(path, process_env()) as running:
+    async with running_proxy(path, env=process_env(), within=20) as running:
 
         async def current_weight() -> float:
-            _, body = await get_json(session, f"{running.admin}/routes/shop")
+            _, body = await get_json(session, f"{running.admin_url}/routes/shop")
             return float(body["weight"])
 
         # Answering proves serve() is past installing its signal handlers.
@@ -913,18 +837,18 @@ async def test_sighup_makes_a_running_process_reload_its_config_file(
         async def reloaded() -> bool:
             return await current_weight() == 100
 
-        await eventually(reloaded)
-        assert await reload_counts(session, running.admin) == (1, 0, 1)
+        await eventually(reloaded, within=10.0)
+        assert await reload_counts(session, running.admin_url) == (1, 0, 1)
 
         path.write_text("routes: [unclosed\n")
         running.process.send_signal(signal.SIGHUP)
 
         async def refused() -> bool:
-            return (await reload_counts(session, running.admin))[1] == 1
+            return (await reload_counts(session, running.admin_url))[1] == 1
 
-        await eventually(refused)
+        await eventually(refused, within=10.0)
         assert await current_weight() == 100  # the bad file changed nothing
-        assert await stop_process(running) == 0
+        assert await running.shut_down(within=15) == 0
 
 
 async def test_a_running_process_never_logs_the_token(
@@ -932,15 +856,14 @@ async def test_a_running_process_never_logs_the_token(
 ) -> None:
     path = tmp_path / "proxy.yaml"
     write_config(path)
-    env = {**process_env(), TOKEN_ENV: TOKEN}
-    async with serving(path, env) as running:
+    async with running_proxy(path, env=process_env(), token=TOKEN, within=20) as running:
         for headers in ({"Authorization": f"Token {TOKEN}"}, bearer("wrong"), bearer()):
-            async with session.post(f"{running.admin}/reload", headers=headers) as response:
+            async with session.post(f"{running.admin_url}/reload", headers=headers) as response:
                 await response.read()
         path.write_text("routes: [unclosed\n")
-        async with session.post(f"{running.admin}/reload", headers=bearer()) as response:
+        async with session.post(f"{running.admin_url}/reload", headers=bearer()) as response:
             assert response.status == 400
-        assert await stop_process(running) == 0
-    log = "".join(running.log)
+        assert await running.shut_down(within=15) == 0
+    log = running.logged()
     assert "config reloaded" in log  # the log did record the calls
     assert TOKEN not in log

@@ -33,11 +33,13 @@ from fakes import (
     MakeProxy,
     ProxyHandle,
     RawResponse,
-    dead_port,
+    close_writer,
     delay,
+    eventually,
     raw_connection,
     read_response,
     reply,
+    unused_port,
 )
 
 # -- a scripted raw upstream -------------------------------------------------------------------
@@ -155,9 +157,7 @@ class ScriptedUpstream:
         finally:
             self._tasks.discard(script)
             self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await close_writer(writer)
 
 
 def target_of(head: bytes) -> str:
@@ -177,13 +177,6 @@ def get(target: str, *extra: str) -> bytes:
 
 
 UPGRADE: Final = ("Connection: Upgrade", "Upgrade: websocket")
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Poll `condition` until it holds, failing after `within` seconds."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - proxy state has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float = 3.0) -> bytes:
@@ -271,9 +264,7 @@ async def small_window_connection(
     try:
         yield reader, writer
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await close_writer(writer)
 
 
 # -- 1: bytes after a response -----------------------------------------------------------------
@@ -441,7 +432,7 @@ async def test_a_pipelined_expect_100_continue_never_lands_inside_the_previous_r
 async def test_a_502_to_an_upgrade_request_closes_or_keeps_serving_never_wedges(
     make_proxy: MakeProxy,
 ) -> None:
-    proxy = await make_proxy(stable={"upstreams": [f"http://{HOST}:{dead_port()}"]})
+    proxy = await make_proxy(stable={"upstreams": [f"http://{HOST}:{unused_port()}"]})
 
     async with raw_connection(proxy) as (reader, writer):
         writer.write(get("/ws", *UPGRADE))
@@ -538,13 +529,13 @@ async def test_a_client_that_never_reads_stops_the_proxy_pulling_from_the_next_u
     async with ScriptedUpstream(script) as one, ScriptedUpstream(script) as two:
         proxy = await make_proxy(stable={"upstreams": [one.url, two.url]}, timeouts={"idle": "10s"})
         async with small_window_connection(proxy) as (_, writer):
-            await eventually(lambda: len(proxy.server.connections) == 1)
+            await eventually(lambda: len(proxy.server.connections) == 1, every=0.01)
             (transport,) = proxy_client_transports(proxy)
             shrink_buffers(transport)
             # The first response completes in the very read that fills the client buffer.
             writer.write(get("/small") + get("/big"))
 
-            await eventually(lambda: sent["/big"] > 0)
+            await eventually(lambda: sent["/big"] > 0, every=0.01)
             # Wait (bounded) until the upstream stops making progress, or clearly runs away.
             limit = 8 * 1024 * 1024
             async with asyncio.timeout(10):
@@ -586,7 +577,8 @@ async def test_an_upstream_silent_mid_body_is_cut_off_after_the_idle_timeout(
     assert body == b"partial"  # incomplete: the client knows the response was cut off
     assert 0.9 <= elapsed < 4.0
     await eventually(
-        lambda: proxy.holder.outcomes.upstream_errors == {("shop", "stable", "timeout"): 1}
+        lambda: proxy.holder.outcomes.upstream_errors == {("shop", "stable", "timeout"): 1},
+        every=0.01,
     )
 
 

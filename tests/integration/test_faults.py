@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -14,23 +13,17 @@ from fakes import (
     MakeProxy,
     RawExchange,
     RawUpstream,
-    dead_port,
+    eventually,
     hold_until_closed,
     raw_connection,
     read_response,
     reset,
     send_and_close,
     stall,
+    unused_port,
 )
 
 GET = b"GET /item HTTP/1.1\r\nHost: shop.example.com\r\n\r\n"
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Poll `condition` until it holds, failing after `within` seconds."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - proxy outcomes have no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def status_of(session: aiohttp.ClientSession, url: str) -> int:
@@ -45,7 +38,7 @@ async def status_of(session: aiohttp.ClientSession, url: str) -> int:
 async def test_a_refused_upstream_gets_502_and_counts_a_connect_error(
     make_proxy: MakeProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = await make_proxy(stable={"upstreams": [f"http://127.0.0.1:{dead_port()}"]})
+    proxy = await make_proxy(stable={"upstreams": [f"http://127.0.0.1:{unused_port()}"]})
 
     assert await status_of(session, proxy.url + "/") == 502
     assert proxy.holder.outcomes.upstream_errors == {("shop", "stable", "connect"): 1}
@@ -55,7 +48,7 @@ async def test_a_refused_upstream_gets_502_and_counts_a_connect_error(
 async def test_once_every_instance_of_the_version_is_cooling_down_the_proxy_answers_503(
     make_proxy: MakeProxy, session: aiohttp.ClientSession
 ) -> None:
-    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(2)]
+    dead = [f"http://127.0.0.1:{unused_port()}" for _ in range(2)]
     proxy = await make_proxy(stable={"upstreams": dead})
 
     first = await status_of(session, proxy.url + "/")
@@ -68,7 +61,7 @@ async def test_once_every_instance_of_the_version_is_cooling_down_the_proxy_answ
 async def test_a_refusing_instance_is_skipped_for_a_live_one_and_every_request_succeeds(
     make_proxy: MakeProxy, stable: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    upstreams = [f"http://127.0.0.1:{dead_port()}", stable.url]
+    upstreams = [f"http://127.0.0.1:{unused_port()}", stable.url]
     proxy = await make_proxy(stable={"upstreams": upstreams})
 
     statuses = [await status_of(session, f"{proxy.url}/{n}") for n in range(10)]
@@ -171,7 +164,7 @@ async def test_a_client_leaving_while_the_upstream_stalls_is_a_499_and_cancels_t
         await stable.wait_until(lambda u: len(u.received) == 1)
 
     outcomes = proxy.holder.outcomes
-    await eventually(lambda: outcomes.requests[("shop", "stable", 499)] == 1)
+    await eventually(lambda: outcomes.requests[("shop", "stable", 499)] == 1, every=0.01)
     await stable.wait_until(lambda u: u.cancelled == 1)  # the upstream saw its connection close
     assert outcomes.upstream_errors == {}
     assert sum(outcomes.requests.values()) == 1
@@ -184,7 +177,7 @@ async def test_a_client_leaving_closes_the_upstream_connection_instead_of_poolin
         proxy = await make_proxy(stable={"upstreams": [upstream.url]})
         async with raw_connection(proxy) as (_, writer):
             writer.write(GET)
-            await eventually(lambda: len(upstream.requests) == 1)
+            await eventually(lambda: len(upstream.requests) == 1, every=0.01)
 
         async with asyncio.timeout(3):
             await upstream.closed_by_peer.wait()

@@ -11,24 +11,25 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from fakes import HOST, FakeUpstream, reply
-from prometheus_client.parser import text_string_to_metric_families
+from fakes import HOST, FakeUpstream, eventually, reply
+from proxy_process import (
+    TOKEN_ENV,
+    ProxyProcess,
+    open_session,
+    run_cli,
+    running_proxy,
+    scrape,
+    values,
+    write_config,
+)
 
-_SCRIPT: Final = Path(sys.executable).with_name("canary-proxy")
-CANARY_PROXY: Final = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "proxy")
-LISTENING: Final = re.compile(rb"canary-proxy listening on (\S+):(\d+)")
-ADMIN_LISTENING: Final = re.compile(rb"admin API listening on (\S+):(\d+)")
-TOKEN_ENV: Final = "CANARY_PROXY_TEST_ADMIN_TOKEN"
 TOKEN: Final = "guard-e2e-token"
 AUTH: Final = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUTS: Final = {
@@ -42,26 +43,7 @@ TIMEOUTS: Final = {
 Document = dict[str, Any]
 
 
-# -- a real proxy process ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ProxyProcess:
-    process: asyncio.subprocess.Process
-    port: int
-    admin_port: int
-    log: list[bytes] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{HOST}:{self.admin_port}"
-
-    def logged(self) -> str:
-        return b"".join(self.log).decode(errors="replace")
+# -- a real proxy process and its admin API ----------------------------------------------------
 
 
 def proxy_config(
@@ -96,79 +78,6 @@ def proxy_config(
     }
 
 
-def write_config(tmp_path: Path, config: Document) -> Path:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
-
-
-@contextlib.asynccontextmanager
-async def running_proxy(config_path: Path) -> AsyncIterator[ProxyProcess]:
-    """`canary-proxy run` with both listeners on port 0; the ports are read from its stderr.
-    On the way out the process is killed (SIGKILL) if it is still running."""
-    process = await asyncio.create_subprocess_exec(
-        *CANARY_PROXY,
-        "run",
-        "--config",
-        str(config_path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, TOKEN_ENV: TOKEN},
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    collector: asyncio.Task[None] | None = None
-    try:
-        port = admin_port = 0
-        async with asyncio.timeout(10):
-            while not (port and admin_port):
-                line = await process.stderr.readline()
-                log.append(line)
-                assert line, b"".join(log).decode(errors="replace")
-                if match := LISTENING.search(line):
-                    port = int(match[2])
-                elif match := ADMIN_LISTENING.search(line):
-                    admin_port = int(match[2])
-        collector = asyncio.create_task(_collect(process.stderr, log))
-        yield ProxyProcess(process, port, admin_port, log)
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await process.wait()
-        if collector is not None:
-            await collector
-
-
-async def _collect(stream: asyncio.StreamReader, log: list[bytes]) -> None:
-    """Keep reading stderr so a chatty proxy never blocks on a full pipe."""
-    while line := await stream.readline():
-        log.append(line)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """The `canary-proxy` admin client, without blocking the loop the fake upstreams run on."""
-    process = await asyncio.create_subprocess_exec(
-        *CANARY_PROXY,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(20):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-# -- admin API helpers -------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def admin_session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
-
-
 async def route_doc(session: aiohttp.ClientSession, proxy: ProxyProcess) -> Document:
     async with session.get(proxy.admin_url + "/routes/shop") as response:
         assert response.status == 200, await response.text()
@@ -190,24 +99,6 @@ async def post(
     async with session.post(proxy.admin_url + path, json=body, headers=AUTH) as response:
         document: Document = await response.json()
         return response.status, document
-
-
-Sample = tuple[dict[str, str], float]
-
-
-async def scrape(session: aiohttp.ClientSession, proxy: ProxyProcess) -> dict[str, list[Sample]]:
-    async with session.get(proxy.admin_url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return samples
-
-
-def values(samples: dict[str, list[Sample]], name: str, **labels: str) -> list[float]:
-    return [v for have, v in samples.get(name, []) if have.items() >= labels.items()]
 
 
 async def wait_for_route(
@@ -276,9 +167,7 @@ class Traffic:
 
     async def _client(self, index: int) -> None:
         period = self.clients / self.rate
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1), cookie_jar=aiohttp.DummyCookieJar()
-        ) as session:
+        async with open_session(limit=1) as session:
             due = time.monotonic() + index * period / self.clients  # spread the clients out
             n = 0
             while not self.stop.is_set():
@@ -300,13 +189,6 @@ class Traffic:
 
     def count(self, version: str) -> int:
         return sum(1 for s in self.seen if s.version == version)
-
-
-async def until(predicate: Callable[[], bool], within: float, every: float = 0.02) -> None:
-    """Wait (bounded) for a predicate over test-side state."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - client tasks have no event for this
-            await asyncio.sleep(every)
 
 
 async def send_batch(
@@ -340,7 +222,7 @@ async def test_a_failing_canary_under_load_is_rolled_back_within_a_second_and_st
 ) -> None:
     config = proxy_config(tmp_path, stable, canary, weight=10, guard=GUARD)
     path = write_config(tmp_path, config)
-    async with running_proxy(path) as proxy, admin_session() as admin:
+    async with running_proxy(path, token=TOKEN) as proxy, open_session() as admin:
         traffic = Traffic(proxy.url, LOAD_CLIENTS, LOAD_RATE)
         traffic.start()
         try:
@@ -422,7 +304,7 @@ async def test_a_failing_canary_under_load_is_rolled_back_within_a_second_and_st
         assert {(s.status, s.version) for s in after} == {(200, "stable")}
 
         # -- metrics agree with the audit log
-        samples = await scrape(admin, proxy)
+        samples = await scrape(admin, proxy.admin_url)
         assert values(samples, "canary_proxy_rollbacks_total", route="shop") == [1.0]
         assert values(
             samples, "canary_proxy_rollbacks_total", route="shop", reason="error_rate"
@@ -438,7 +320,7 @@ async def test_a_failing_canary_under_load_is_rolled_back_within_a_second_and_st
             assert await proxy.process.wait() == -signal.SIGKILL
 
     canary.answer_with(reply())  # healthy again: only the saved abort keeps it out
-    async with running_proxy(path) as proxy, admin_session() as admin:
+    async with running_proxy(path, token=TOKEN) as proxy, open_session() as admin:
         restored = await route_doc(admin, proxy)
         assert (restored["state"], restored["weight"]) == ("aborted", 0), restored
         assert "canary error rate" in restored["reason"], restored
@@ -502,14 +384,14 @@ async def test_observe_mode_records_the_breach_and_changes_nothing(
 ) -> None:
     config = proxy_config(tmp_path, stable, canary, guard={**GUARD, "action": "observe"})
     async with (
-        running_proxy(write_config(tmp_path, config)) as proxy,
-        admin_session() as admin,
+        running_proxy(write_config(tmp_path, config), token=TOKEN) as proxy,
+        open_session() as admin,
     ):
         traffic = Traffic(proxy.url, 8, 400.0)
         traffic.start()
         weights: list[tuple[str, float]] = []
         try:
-            await until(lambda: traffic.count("canary") >= 30, within=5.0)
+            await eventually(lambda: traffic.count("canary") >= 30, within=5.0)
             canary.answer_with(reply(500))
             switched = time.time()
             observed: list[Document] = []
@@ -543,7 +425,7 @@ async def test_observe_mode_records_the_breach_and_changes_nothing(
         assert all(s.status == 500 for s in later if s.version == "canary")
         state = read_state(tmp_path)
         assert (state["state"], state["weight_bp"]) == ("steady", 1000), state
-        samples = await scrape(admin, proxy)
+        samples = await scrape(admin, proxy.admin_url)
         assert values(samples, "canary_proxy_rollbacks_total", route="shop") == []
         assert values(samples, "canary_proxy_canary_weight_ratio", route="shop") == [0.1]
 
@@ -563,8 +445,8 @@ async def test_a_healthy_ramp_goes_through_every_step_to_promoted(
         rollout={"steps": [5, 25, 50, 100], "interval": "1s"},
     )
     async with (
-        running_proxy(write_config(tmp_path, config)) as proxy,
-        admin_session() as admin,
+        running_proxy(write_config(tmp_path, config), token=TOKEN) as proxy,
+        open_session() as admin,
     ):
         start = await route_doc(admin, proxy)
         assert (start["state"], start["weight"]) == ("progressing", 5), start
@@ -574,7 +456,9 @@ async def test_a_healthy_ramp_goes_through_every_step_to_promoted(
         try:
             promoted = await wait_for_route(admin, proxy, "promoted", within=20.0, every=0.1)
             promoted_at = time.time()
-            await until(lambda: any(s.sent > promoted_at + 0.1 for s in traffic.seen), within=5.0)
+            await eventually(
+                lambda: any(s.sent > promoted_at + 0.1 for s in traffic.seen), within=5.0
+            )
         finally:
             await traffic.finish()
 
@@ -613,7 +497,7 @@ async def test_a_reload_that_changes_nothing_about_a_route_keeps_its_state_and_w
         rollout={"steps": [5, 50], "interval": "60s"},
     )
     path = write_config(tmp_path, config)
-    async with running_proxy(path) as proxy, admin_session() as admin:
+    async with running_proxy(path, token=TOKEN) as proxy, open_session() as admin:
         forced = {"X-Canary": "always"}
         for n in range(40):
             async with admin.get(f"{proxy.url}/forced/{n}", headers=forced) as response:

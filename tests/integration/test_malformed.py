@@ -370,6 +370,14 @@ async def assert_upstream_untouched(env: Env) -> None:
     assert env.upstream.data == b""
 
 
+async def assert_no_upstream_connection_kept(env: Env) -> None:
+    """Once settled, the proxy has let go of every upstream connection (none is kept after a
+    partial body)."""
+    await asyncio.sleep(0.05)
+    upstream = env.upstream
+    assert upstream.ended == upstream.connections, "upstream connection with a partial body kept"
+
+
 async def assert_rejected(
     env: Env, request: bytes | Sequence[bytes], statuses: Collection[int]
 ) -> Reply:
@@ -554,10 +562,8 @@ async def test_invalid_chunk_size(env: Env, body: bytes, late: bool) -> None:
     if reply.data:
         assert_proxy_made(reply, BAD_REQUEST)
         assert env.holder.outcomes.rejected[400] >= 1, env.holder.outcomes
-    await asyncio.sleep(0.05)
-    upstream = env.upstream
-    assert upstream.ended == upstream.connections, "upstream connection with a partial body kept"
-    for record in upstream.received:
+    await assert_no_upstream_connection_kept(env)
+    for record in env.upstream.received:
         data = bytes(record)
         head_end = data.find(b"\r\n\r\n")
         if head_end >= 0:
@@ -654,10 +660,8 @@ async def test_chunked_body_growing_past_limit(env: Env) -> None:
         assert outcomes.rejected[413] + outcomes.requests[("shop", "stable", 413)] >= 1, outcomes
     else:
         assert reply.eof or reply.reset, "connection neither answered nor closed"
-    await asyncio.sleep(0.05)
-    upstream = env.upstream
-    assert upstream.ended == upstream.connections, "upstream connection with a partial body kept"
-    for record in upstream.received:
+    await assert_no_upstream_connection_kept(env)
+    for record in env.upstream.received:
         data = bytes(record)
         head_end = data.find(b"\r\n\r\n")
         assert head_end >= 0

@@ -11,25 +11,20 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
-import socket
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 import pytest
-from fakes import HOST, FakeUpstream
+from fakes import HOST, FakeUpstream, unused_port
 from prometheus_client.parser import text_string_to_metric_families
+from proxy_process import end_process, open_session, running_proxy, write_config
 
-CANARY_PROXY: Final = str(Path(sys.executable).with_name("canary-proxy"))
 PROMETHEUS: Final = shutil.which("prometheus")
 PROMTOOL: Final = shutil.which("promtool")
-LISTENING: Final = re.compile(rb"canary-proxy listening on (\S+):(\d+)")
-ADMIN_LISTENING: Final = re.compile(rb"admin API listening on (\S+):(\d+)")
 STABLE_REQUESTS: Final = 200
 CANARY_REQUESTS: Final = 100
 
@@ -40,70 +35,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@dataclass(slots=True)
-class ProxyProcess:
-    process: asyncio.subprocess.Process
-    port: int
-    admin_port: int
-    log: list[bytes] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{HOST}:{self.admin_port}"
+def config_file(tmp_path: Path, *routes: dict[str, object]) -> Path:
+    """A config with `routes` and both listeners on port 0 (no admin token: Prometheus scrapes
+    without one), written for `running_proxy`."""
+    config = {
+        "listen": f"{HOST}:0",
+        "admin": {"listen": f"{HOST}:0"},
+        "state_dir": str(tmp_path / "state"),
+        "routes": list(routes),
+    }
+    return write_config(tmp_path, config)
 
 
-@contextlib.asynccontextmanager
-async def running_proxy(config: dict[str, object], tmp_path: Path) -> AsyncIterator[ProxyProcess]:
-    """`canary-proxy run` with both listeners on port 0; the ports are read from its stderr."""
-    path = tmp_path / "proxy.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    process = await asyncio.create_subprocess_exec(
-        CANARY_PROXY,
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    collector: asyncio.Task[None] | None = None
-    try:
-        port = admin_port = 0
-        async with asyncio.timeout(10):
-            while not (port and admin_port):
-                line = await process.stderr.readline()
-                log.append(line)
-                assert line, b"".join(log).decode()
-                if match := LISTENING.search(line):
-                    port = int(match[2])
-                elif match := ADMIN_LISTENING.search(line):
-                    admin_port = int(match[2])
-        collector = asyncio.create_task(_collect(process.stderr, log))
-        yield ProxyProcess(process, port, admin_port, log)
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await process.wait()
-        if collector is not None:
-            await collector
-
-
-async def _collect(stream: asyncio.StreamReader, log: list[bytes]) -> None:
-    """Keep reading stderr so a chatty proxy never blocks on a full pipe."""
-    while line := await stream.readline():
-        log.append(line)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def shop(stable: FakeUpstream, canary: FakeUpstream) -> dict[str, object]:
+    """Route `shop`: half the traffic to the canary; X-Canary forces a version."""
+    return {
+        "name": "shop",
+        "stable": {"upstreams": [stable.url]},
+        "canary": {"upstreams": [canary.url], "revision": "v2"},
+        "split": {"weight": 50, "force": {"header": "X-Canary"}},
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +90,7 @@ async def running_prometheus(
             }
         )
     )
-    address = f"{HOST}:{free_port()}"
+    address = f"{HOST}:{unused_port()}"
     log_path = tmp_path / "prometheus.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
@@ -156,15 +107,7 @@ async def running_prometheus(
         await _until_ready(server, session)
         yield server
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-        await process.wait()
+        await end_process(process, grace=10)
 
 
 async def _until_ready(server: PrometheusServer, session: aiohttp.ClientSession) -> None:
@@ -219,26 +162,13 @@ async def send(session: aiohttp.ClientSession, url: str, force: str, count: int)
 async def test_prometheus_scrapes_the_admin_endpoint_and_reports_the_requests_sent_per_version(
     stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
 ) -> None:
-    config: dict[str, object] = {
-        "listen": f"{HOST}:0",
-        "admin": {"listen": f"{HOST}:0"},
-        "state_dir": str(tmp_path / "state"),
-        "routes": [
-            {
-                "name": "shop",
-                "stable": {"upstreams": [stable.url]},
-                "canary": {"upstreams": [canary.url], "revision": "v2"},
-                "split": {"weight": 50, "force": {"header": "X-Canary"}},
-            }
-        ],
-    }
     expected = {
         ("shop", "stable", "200"): float(STABLE_REQUESTS),
         ("shop", "canary", "200"): float(CANARY_REQUESTS),
     }
     async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
-        running_proxy(config, tmp_path) as proxy,
+        open_session() as session,
+        running_proxy(config_file(tmp_path, shop(stable, canary))) as proxy,
     ):
         stable_tags = await send(session, proxy.url, "never", STABLE_REQUESTS)
         canary_tags = await send(session, proxy.url, "always", CANARY_REQUESTS)
@@ -287,27 +217,14 @@ async def test_promtool_finds_nothing_to_complain_about_in_the_exposition(
     stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
 ) -> None:
     assert PROMTOOL is not None
-    config: dict[str, object] = {
-        "listen": f"{HOST}:0",
-        "admin": {"listen": f"{HOST}:0"},
-        "state_dir": str(tmp_path / "state"),
-        "routes": [
-            {
-                "name": "api",
-                "match": {"path_prefix": "/api"},
-                "stable": {"upstreams": [stable.url]},
-            },
-            {
-                "name": "shop",
-                "stable": {"upstreams": [stable.url]},
-                "canary": {"upstreams": [canary.url], "revision": "v2"},
-                "split": {"weight": 50, "force": {"header": "X-Canary"}},
-            },
-        ],
+    api: dict[str, object] = {
+        "name": "api",
+        "match": {"path_prefix": "/api"},
+        "stable": {"upstreams": [stable.url]},
     }
     async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
-        running_proxy(config, tmp_path) as proxy,
+        open_session() as session,
+        running_proxy(config_file(tmp_path, api, shop(stable, canary))) as proxy,
     ):
         # Every family populated: both versions, a second route (first match wins), a failed
         # reload.
@@ -315,7 +232,7 @@ async def test_promtool_finds_nothing_to_complain_about_in_the_exposition(
         await send(session, proxy.url, "always", 3)
         async with session.get(proxy.url + "/api/x") as response:
             assert response.status == 200
-        (tmp_path / "proxy.yaml").write_text("routes: [\n")
+        proxy.config_path.write_text("routes: [\n")
         async with session.post(proxy.admin_url + "/reload") as response:
             assert response.status == 400
         async with session.get(proxy.admin_url + "/metrics") as response:

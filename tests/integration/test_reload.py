@@ -5,14 +5,9 @@ drains (reference `http-proxy-reliability.md` §4 c.2-c.4; DESIGN.md §7)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import re
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -25,41 +20,27 @@ from fakes import (
     RawResponse,
     RawUpstream,
     Script,
+    eventually,
+    raw_connection,
     read_response,
     stall,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from proxy_process import (
+    TOKEN_ENV,
+    ProxyProcess,
+    open_session,
+    running_proxy,
+    scrape,
+    value_of,
+    write_config,
+)
 
-CANARY_PROXY: Final = str(Path(sys.executable).with_name("canary-proxy"))
-LISTENING: Final = re.compile(rb"canary-proxy listening on (\S+):(\d+)")
-ADMIN_LISTENING: Final = re.compile(rb"admin API listening on (\S+):(\d+)")
-TOKEN_ENV: Final = "CANARY_PROXY_TEST_ADMIN_TOKEN"
 TOKEN: Final = "reload-test-token"
 AUTH: Final = {"Authorization": f"Bearer {TOKEN}"}
 SHUTDOWN_SECONDS: Final = 5.0
 
 
-# -- a real proxy process ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ProxyProcess:
-    process: asyncio.subprocess.Process
-    config_path: Path
-    port: int
-    admin_port: int
-    log: list[bytes] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{HOST}:{self.admin_port}"
-
-    def logged(self) -> str:
-        return b"".join(self.log).decode(errors="replace")
+# -- a real proxy process and its admin API ----------------------------------------------------
 
 
 def proxy_config(
@@ -85,60 +66,9 @@ def proxy_config(
     }
 
 
-@contextlib.asynccontextmanager
-async def running_proxy(config: dict[str, object], tmp_path: Path) -> AsyncIterator[ProxyProcess]:
-    """`canary-proxy run` with both listeners on port 0; the ports are read from its stderr."""
-    path = tmp_path / "proxy.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    process = await asyncio.create_subprocess_exec(
-        CANARY_PROXY,
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, TOKEN_ENV: TOKEN},
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    collector: asyncio.Task[None] | None = None
-    try:
-        port = admin_port = 0
-        async with asyncio.timeout(10):
-            while not (port and admin_port):
-                line = await process.stderr.readline()
-                log.append(line)
-                assert line, b"".join(log).decode()
-                if match := LISTENING.search(line):
-                    port = int(match[2])
-                elif match := ADMIN_LISTENING.search(line):
-                    admin_port = int(match[2])
-        collector = asyncio.create_task(_collect(process.stderr, log))
-        yield ProxyProcess(process, path, port, admin_port, log)
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await process.wait()
-        if collector is not None:
-            await collector
-
-
-async def _collect(stream: asyncio.StreamReader, log: list[bytes]) -> None:
-    """Keep reading stderr so a chatty proxy never blocks on a full pipe."""
-    while line := await stream.readline():
-        log.append(line)
-
-
-@contextlib.asynccontextmanager
-async def open_session(
-    *, limit: int = 100, force_close: bool = False
-) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, force_close=force_close),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    ) as session:
-        yield session
+def config_file(tmp_path: Path, stable: str) -> Path:
+    """`proxy_config` with `stable` alone, written for `running_proxy`."""
+    return write_config(tmp_path, proxy_config(tmp_path, stable))
 
 
 async def put_config(
@@ -157,27 +87,6 @@ async def post_reload(
 ) -> tuple[int, dict[str, object]]:
     async with session.post(proxy.admin_url + "/reload", headers=AUTH) as response:
         return response.status, await response.json()
-
-
-async def scrape(session: aiohttp.ClientSession, proxy: ProxyProcess) -> dict[str, list[Sample]]:
-    """The admin `/metrics`, parsed: sample name -> [(labels, value)]."""
-    async with session.get(proxy.admin_url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return samples
-
-
-Sample = tuple[dict[str, str], float]
-
-
-def value_of(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
-    matching = [v for have, v in samples.get(name, []) if have.items() >= labels.items()]
-    assert len(matching) == 1, (name, labels, samples.get(name))
-    return matching[0]
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
@@ -308,7 +217,7 @@ async def test_a_hundred_reloads_under_load_drop_no_request_and_count_every_one_
         )
 
     async with (
-        running_proxy(config(50), tmp_path) as proxy,
+        running_proxy(write_config(tmp_path, config(50)), token=TOKEN) as proxy,
         open_session(limit=1) as admin,
         open_session(limit=PROBES) as prober,
     ):
@@ -339,7 +248,7 @@ async def test_a_hundred_reloads_under_load_drop_no_request_and_count_every_one_
                     assert errors, answer
                     assert all(e["message"] for e in errors), errors
                     assert INVALID_PATHS[kind] in [e["path"] for e in errors], errors
-                    metrics = await scrape(admin, proxy)
+                    metrics = await scrape(admin, proxy.admin_url)
                     assert value_of(metrics, "canary_proxy_config_last_reload_successful") == 0
                     await probe("canary", f"an invalid config ({kind}, {via}) after weight 100")
                 await load.until_answered(load.answered + 2 * CLIENTS)
@@ -347,7 +256,7 @@ async def test_a_hundred_reloads_under_load_drop_no_request_and_count_every_one_
             stop.set()
             async with asyncio.timeout(10):
                 await asyncio.gather(*clients)
-        samples = await scrape(admin, proxy)
+        samples = await scrape(admin, proxy.admin_url)
 
     sent = load.answered + probes
     assert load.failures == [], load.failures[:10]
@@ -404,28 +313,6 @@ async def read_head(reader: asyncio.StreamReader) -> RawResponse:
     return RawResponse(status=int(lines[0].split(" ", 2)[1]), headers=headers)
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 3.0) -> None:
-    """Poll `condition` every 20 ms until it holds, failing after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            if await condition():
-                return
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def client_connection(
-    proxy: ProxyProcess,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(HOST, proxy.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 async def test_a_response_streaming_across_a_reload_finishes_from_the_old_upstream(
     tmp_path: Path,
 ) -> None:
@@ -434,9 +321,9 @@ async def test_a_response_streaming_across_a_reload_finishes_from_the_old_upstre
     async with (
         RawUpstream(start_then_end(release, after)) as old,
         FakeUpstream("new") as new,
-        running_proxy(proxy_config(tmp_path, old.url), tmp_path) as proxy,
+        running_proxy(config_file(tmp_path, old.url), token=TOKEN) as proxy,
         open_session() as session,
-        client_connection(proxy) as (reader, writer),
+        raw_connection(proxy) as (reader, writer),
     ):
         try:
             writer.write(b"GET /slow HTTP/1.1\r\nHost: shop\r\n\r\n")
@@ -478,14 +365,12 @@ async def test_an_upload_in_progress_across_a_reload_completes_to_the_old_upstre
     async with (
         RawUpstream(body_then_answer(10, after)) as old,
         FakeUpstream("new") as new,
-        running_proxy(proxy_config(tmp_path, old.url), tmp_path) as proxy,
+        running_proxy(config_file(tmp_path, old.url), token=TOKEN) as proxy,
         open_session() as session,
-        client_connection(proxy) as (reader, writer),
+        raw_connection(proxy) as (reader, writer),
     ):
         writer.write(b"POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\n\r\nstart\n")
-        async with asyncio.timeout(3):
-            while not old.requests:  # noqa: ASYNC110 - the raw upstream has no event for this
-                await asyncio.sleep(0.01)  # the head has reached the old upstream
+        await eventually(lambda: bool(old.requests), every=0.01)  # the head reached the old one
 
         status, answer = await put_config(
             session, proxy, json.dumps(proxy_config(tmp_path, new.url))
@@ -519,28 +404,16 @@ async def readiness(session: aiohttp.ClientSession, proxy: ProxyProcess) -> int 
         return None
 
 
-async def data_plane_refuses(proxy: ProxyProcess) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(HOST, proxy.port)
-    except ConnectionRefusedError:
-        return True
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-    return False
-
-
 async def test_sigterm_drains_in_flight_requests_with_connection_close_and_exits_0(
     stable: FakeUpstream, tmp_path: Path
 ) -> None:
     release = asyncio.Event()
     stable.answer_with(stall(until=release), path="/slow")
-    config = proxy_config(tmp_path, stable.url)
     async with (
-        running_proxy(config, tmp_path) as proxy,
+        running_proxy(config_file(tmp_path, stable.url), token=TOKEN) as proxy,
         open_session(force_close=True) as admin,
-        client_connection(proxy) as (slow_reader, slow_writer),
-        client_connection(proxy) as (reader, writer),
+        raw_connection(proxy) as (slow_reader, slow_writer),
+        raw_connection(proxy) as (reader, writer),
     ):
         try:
             # A keep-alive connection that has had one answer and is half-way through the
@@ -567,7 +440,7 @@ async def test_sigterm_drains_in_flight_requests_with_connection_close_and_exits
 
             await eventually(not_ready)
             assert seen[-1] in (503, None)  # not ready while draining (or already gone)
-            await eventually(lambda: data_plane_refuses(proxy))  # the listener is closed
+            await eventually(proxy.refuses_connections)  # the listener is closed
             assert proxy.process.returncode is None  # still draining: /slow is in flight
 
             writer.write(b"\r\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,22 +20,14 @@ from typing import Any, Final, Protocol
 import aiohttp
 import pytest
 import yaml
-from fakes import FakeUpstream, dead_port
+from fakes import TEST_TIMEOUTS, FakeUpstream, unused_port
+from proxy_process import run_cli
 
 from proxy.app import Proxy
 from proxy.loader import load_config_file
 
-_SCRIPT: Final = Path(sys.executable).with_name("canary-proxy")
-CANARY_PROXY: Final = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "proxy")
 TOKEN: Final = "rollout-api-token-5d1e"
 AUTH: Final = {"Authorization": f"Bearer {TOKEN}"}
-TIMEOUTS: Final = {
-    "connect": "1s",
-    "response_header": "2s",
-    "idle": "5s",
-    "client_header": "2s",
-    "shutdown": "1s",
-}
 STEPS: Final = [10, 50, 100]
 ROUTE_KEYS: Final = {"name", "weight", "state", "reason", "revision", "step", "window", "verdict"}
 
@@ -143,7 +134,7 @@ async def start(
             "listen": "127.0.0.1:0",
             "admin": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
             "state_dir": str(tmp_path / "state"),
-            "timeouts": TIMEOUTS,
+            "timeouts": TEST_TIMEOUTS,
             "routes": [
                 {
                     "name": "plain",
@@ -588,19 +579,9 @@ async def test_events_list_the_transitions_in_order_with_actor_and_reason(
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    """`canary-proxy ARGS` as a subprocess, without blocking the loop the proxy runs on."""
+    """`canary-proxy ARGS`, with no admin token from the environment: only `--token` counts."""
     env = {k: v for k, v in os.environ.items() if k != "CANARY_PROXY_ADMIN_TOKEN"}
-    process = await asyncio.create_subprocess_exec(
-        *CANARY_PROXY,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    async with asyncio.timeout(20):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_cli(*args, env=env)
 
 
 def one_error_line(err: str) -> str:
@@ -676,7 +657,7 @@ async def test_cli_verbs(running: Running) -> None:
     assert "401" in one_error_line(err), err
     assert running.saved("shop") == saved
 
-    unreachable = f"http://127.0.0.1:{dead_port()}"
+    unreachable = f"http://127.0.0.1:{unused_port()}"
     for args in (("status",), ("abort", "shop", "--token", TOKEN)):
         code, out, err = await cli(*args, "--admin", unreachable)
         assert code == 1, (args, out, err)

@@ -6,46 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 import pytest
-from fakes import CHUNK, FakeUpstream, body_digest, pattern, stall, stream
+from fakes import CHUNK, FakeUpstream, body_digest, eventually, pattern, stall, stream
+from proxy_process import ProxyProcess, running_proxy, write_config
 
-CANARY_PROXY: Final = str(Path(sys.executable).with_name("canary-proxy"))
 SIZE: Final = 50 * 1024 * 1024
 MAX_GROWTH: Final = 20 * 1024 * 1024  # the proxy must not hold the body: far below SIZE
-LISTENING: Final = re.compile(rb"canary-proxy listening on (\S+):(\d+)")
 
 
-@dataclass(slots=True)
-class ProxyProcess:
-    process: asyncio.subprocess.Process
-    host: str
-    port: int
-    log: list[bytes] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def rss(self) -> int:
-        """Resident set size in bytes, from /proc/PID/status (VmRSS is in kB)."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        assert match is not None, status
-        return int(match[1]) * 1024
-
-
-def proxy_config(upstream: FakeUpstream, tmp_path: Path) -> dict[str, object]:
-    return {
+def config_file(upstream: FakeUpstream, tmp_path: Path) -> Path:
+    """A config that sends everything to `upstream`, written for `running_proxy`."""
+    config = {
         "listen": "127.0.0.1:0",
         "admin": {"listen": "127.0.0.1:0"},
         "state_dir": str(tmp_path / "state"),
@@ -58,43 +35,7 @@ def proxy_config(upstream: FakeUpstream, tmp_path: Path) -> dict[str, object]:
         },
         "routes": [{"name": "shop", "stable": {"upstreams": [upstream.url]}}],
     }
-
-
-@contextlib.asynccontextmanager
-async def running_proxy(config: dict[str, object], tmp_path: Path) -> AsyncIterator[ProxyProcess]:
-    """`canary-proxy run` on port 0; the bound port is read from its stderr."""
-    path = tmp_path / "proxy.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    process = await asyncio.create_subprocess_exec(
-        CANARY_PROXY,
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(10):
-            while not (match := LISTENING.search(line := await process.stderr.readline())):
-                log.append(line)
-                assert line, b"".join(log).decode()
-        drain = asyncio.create_task(_collect(process.stderr, log))
-        yield ProxyProcess(process, match[1].decode(), int(match[2]), log)
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        if drain is not None:
-            await drain
-
-
-async def _collect(stream_: asyncio.StreamReader, log: list[bytes]) -> None:
-    """Keep reading stderr so a chatty proxy never blocks on a full pipe."""
-    while line := await stream_.readline():
-        log.append(line)
+    return write_config(tmp_path, config)
 
 
 @contextlib.asynccontextmanager
@@ -141,7 +82,7 @@ async def test_a_50_mb_download_passes_byte_identical_while_the_proxy_stays_smal
     stable: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path, content_length: bool
 ) -> None:
     stable.answer_with(stream(SIZE, content_length=content_length), path="/download")
-    async with running_proxy(proxy_config(stable, tmp_path), tmp_path) as proxy:
+    async with running_proxy(config_file(stable, tmp_path)) as proxy:
         baseline = await warm_up(session, proxy)
         async with rss_peak(proxy) as peak:
             digest = hashlib.sha256()
@@ -167,7 +108,7 @@ async def test_a_50_mb_upload_passes_byte_identical_while_the_proxy_stays_small(
             sent.update(chunk)
             yield chunk
 
-    async with running_proxy(proxy_config(stable, tmp_path), tmp_path) as proxy:
+    async with running_proxy(config_file(stable, tmp_path)) as proxy:
         baseline = await warm_up(session, proxy)
         async with (
             rss_peak(proxy) as peak,
@@ -184,7 +125,7 @@ async def test_a_client_that_stops_reading_does_not_make_the_proxy_buffer_the_do
     stable: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     stable.answer_with(stream(SIZE), path="/download")
-    async with running_proxy(proxy_config(stable, tmp_path), tmp_path) as proxy:
+    async with running_proxy(config_file(stable, tmp_path)) as proxy:
         baseline = await warm_up(session, proxy)
         async with rss_peak(proxy) as peak, session.get(proxy.url + "/download") as response:
             digest = hashlib.sha256(await response.content.readexactly(CHUNK))
@@ -204,7 +145,7 @@ async def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits
 ) -> None:
     release = asyncio.Event()
     stable.answer_with(stall(until=release))
-    async with running_proxy(proxy_config(stable, tmp_path), tmp_path) as proxy:
+    async with running_proxy(config_file(stable, tmp_path)) as proxy:
 
         async def slow(n: int) -> tuple[int, bytes]:
             async with session.get(f"{proxy.url}/slow/{n}") as response:
@@ -214,23 +155,10 @@ async def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits
         await stable.wait_until(lambda u: len(u.received) == 5)
 
         proxy.process.send_signal(signal.SIGTERM)
-        await refused(proxy)
+        await eventually(proxy.refuses_connections)
         release.set()  # the upstream answers only now: the drain must have waited
         answers = await asyncio.gather(*in_flight)
         exit_code = await asyncio.wait_for(proxy.process.wait(), 5)
 
     assert sorted(answers) == [(200, f"stable /slow/{n}".encode()) for n in range(5)]
-    assert exit_code == 0, b"".join(proxy.log).decode()
-
-
-async def refused(proxy: ProxyProcess) -> None:
-    """Poll (at most 3 s) until a new connection to the proxy is refused."""
-    async with asyncio.timeout(3):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(proxy.host, proxy.port)
-            except ConnectionRefusedError:
-                return
-            writer.close()
-            await writer.wait_closed()
-            await asyncio.sleep(0.02)
+    assert exit_code == 0, proxy.logged()
