@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from typing import Final
 
-Headers = list[tuple[bytes, bytes]]
-
 # RFC 9110 §7.6.1: a proxy MUST remove Connection and the fields it nominates, and SHOULD
 # remove these well-known hop-by-hop fields. Proxy-Authenticate/-Authorization are for the
 # next hop only (§11.7.1, §11.7.2).

@@ -23,7 +23,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-VERSIONS: Final = ("stable", "canary")
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol")
 ROLLOUT_STATES: Final = ("steady", "progressing", "paused", "promoted", "aborted")
 

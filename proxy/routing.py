@@ -5,11 +5,11 @@ Implements DESIGN.md §4.1 (route match) and §4.2 (version decision) on plain s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Final, Literal
 
 from proxy.bucketing import BUCKETS, bucket, in_canary
-from proxy.config import KeySource, Route, Split
+from proxy.config import Route, Split
 
 Decision = Literal["stable", "canary"]
 
@@ -151,21 +151,4 @@ def cookie_value(cookie_header: str, name: str) -> str | None:
                 return value[1:-1]
             return value
         pos = find(name, pos + 1)
-    return None
-
-
-def request_key(source: KeySource, headers: Mapping[str, str]) -> str | None:
-    """A sticky or force key from a request: the header first, then the cookie (§4.2.3).
-
-    `headers` maps lower-cased header names to values, with the `Cookie:` header under
-    `cookie`. An empty header value counts as absent, so the cookie is consulted.
-    """
-    if source.header is not None:
-        value = headers.get(source.header)
-        if value:
-            return value
-    if source.cookie is not None:
-        cookies = headers.get("cookie")
-        if cookies is not None:
-            return cookie_value(cookies, source.cookie)
     return None

@@ -508,11 +508,11 @@ class ClientConnection(asyncio.Protocol):
         sticky: str | None = None
         cookies = cookie.decode("latin-1") if cookie is not None and route.uses_cookies else None
         if route.force_header is not None:
-            force = self._header_text(route.force_header)
+            force = self._header_text(route.force_header) or None  # empty: try the cookie
         if force is None and route.force_cookie is not None and cookies is not None:
             force = cookie_value(cookies, route.force_cookie)
         if route.sticky_header is not None:
-            sticky = self._header_text(route.sticky_header)
+            sticky = self._header_text(route.sticky_header) or None
         if sticky is None and route.sticky_cookie is not None and cookies is not None:
             sticky = cookie_value(cookies, route.sticky_cookie)
         return choose_version(

@@ -445,6 +445,19 @@ async def test_weight_10_sends_about_a_tenth_of_keyless_requests_to_the_canary(
     assert len(stable.received) == versions["stable"]
 
 
+async def test_an_empty_sticky_header_falls_back_to_the_sticky_cookie(
+    make_proxy: MakeProxy, session: aiohttp.ClientSession
+) -> None:
+    sticky = {"header": "X-User-ID", "cookie": "uid"}
+    proxy = await make_proxy(split={"weight": 50, "salt": "shop", "sticky": sticky})
+    keys = [f"user-{n}" for n in range(12)]
+    requests = [{"X-User-ID": "", "Cookie": f"uid={key}"} for key in keys for _ in range(5)]
+    versions = await versions_seen(session, proxy.url + "/", requests)
+    for headers, version in zip(requests, versions, strict=True):
+        key = headers["Cookie"].split("=", 1)[1]
+        assert version == ("canary" if documented_bucket("shop", key) < 5_000 else "stable")
+
+
 @pytest.mark.parametrize("carrier", ["header", "cookie"])
 async def test_a_sticky_key_always_reaches_the_version_its_documented_bucket_names(
     make_proxy: MakeProxy, session: aiohttp.ClientSession, carrier: str

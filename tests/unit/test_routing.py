@@ -9,14 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.bucketing import BUCKETS, bucket
-from proxy.config import KeySource, Match, Route, Split, Version
+from proxy.config import Match, Route, Split, Version
 from proxy.routing import (
     HOST_CACHE_SIZE,
     RouteTable,
     choose_version,
     cookie_value,
     normalize_host,
-    request_key,
 )
 
 SPLIT = Split(weight_bp=500, salt="shop")
@@ -391,19 +390,3 @@ def _cookie_value_by_splitting(cookie_header: str, name: str) -> str | None:
 )
 def test_cookie_value_agrees_with_splitting_the_header_into_pairs(header: str, name: str) -> None:
     assert cookie_value(header, name) == _cookie_value_by_splitting(header, name)
-
-
-def test_request_key_prefers_the_header_over_the_cookie() -> None:
-    source = KeySource(header="x-user-id", cookie="uid")
-    assert request_key(source, {"x-user-id": "h", "cookie": "uid=c"}) == "h"
-    assert request_key(source, {"x-user-id": "", "cookie": "uid=c"}) == "c"
-    assert request_key(source, {"cookie": "uid=c"}) == "c"
-    assert request_key(source, {"cookie": "a=1"}) is None
-    assert request_key(source, {}) is None
-
-
-def test_request_key_only_reads_the_configured_sources() -> None:
-    headers = {"x-user-id": "h", "cookie": "uid=c"}
-    assert request_key(KeySource(), headers) is None
-    assert request_key(KeySource(cookie="uid"), headers) == "c"
-    assert request_key(KeySource(header="x-user-id"), {"cookie": "uid=c"}) is None
