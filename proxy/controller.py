@@ -163,8 +163,10 @@ class Controller:
             return change
         refused, refusal = rollout.refuse_aborted_revision(route, state, now)
         if transition is not None and refusal is not None:
-            refusal = replace(refusal, before=transition.before)
-            refusal = replace(refusal, weight_before_bp=transition.weight_before_bp)
+            # One event from where the route really was, not from the state just planned.
+            refusal = replace(
+                refusal, before=transition.before, weight_before_bp=transition.weight_before_bp
+            )
         return refused, refusal
 
     def commit(self, plans: list[Plan]) -> None:
