@@ -34,7 +34,14 @@ test: lint typecheck unit
 demo: $(STAMP)
 	$(BIN)/canary-proxy demo
 
-bench: $(STAMP)
+# The benchmark's extra (matplotlib, for its chart) on top of the test set-up; see benchmarks/.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --only-binary=aiohttp -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:

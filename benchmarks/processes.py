@@ -49,6 +49,13 @@ def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
+def pin_self(cpu: int) -> set[int]:
+    """Pin this process (when it is the client side) to `cpu`; returns the affinity to restore."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    return before
+
+
 def launch(
     stack: ExitStack, *, name: str, argv: Sequence[str], cpu: int, log_path: Path
 ) -> Running:

@@ -1,8 +1,9 @@
 """`make bench`: canary-proxy side by side with the direct upstream, nginx and HAProxy.
 
 One upstream (nginx, one worker) and wrk share the load core; each proxy under test has the
-proxy core to itself. Rounds are interleaved across targets; the table shows medians.
-See benchmarks/README.md for the method.
+proxy core to itself. Rounds are interleaved across targets; the table shows medians. Besides
+throughput: the memory of idle keep-alive clients, and canary-proxy's guard reacting to a
+canary that starts failing. See benchmarks/README.md for the method.
 """
 
 from __future__ import annotations
@@ -17,19 +18,35 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Final
 
+import idle
+import reaction
 import report
 import toolchain
 import wrk
-from processes import ProcessFailed, ensure_alive
+from idle import IdleFailed, IdleResult
+from processes import ProcessFailed, ensure_alive, pin_self
+from reaction import ReactionFailed, ReactionSummary
 from report import Summary
-from scenarios import SCENARIOS, Scenario
+from scenarios import (
+    CANARY_WEIGHT,
+    CLOSE_HEADER,
+    GUARD_MAX_ERROR_RATE,
+    GUARD_MAX_ERROR_RATE_INCREASE,
+    GUARD_MIN_REQUESTS,
+    GUARD_RATES,
+    GUARD_REPEATS,
+    GUARD_WINDOW_SECONDS,
+    IDLE_CONNECTIONS,
+    SCENARIOS,
+    Scenario,
+)
 from targets import (
     DISPLAY_NAMES,
     TARGET_KEYS,
@@ -39,6 +56,7 @@ from targets import (
     TargetKey,
     problem_lines,
     smoke_check,
+    start_fake_canary,
     start_target,
     start_upstream,
 )
@@ -65,14 +83,20 @@ class Options:
     load_cpu: int
     proxy_cpu: int
     keep_workdir: bool
+    idle_connections: int = IDLE_CONNECTIONS
+    guard_rates: tuple[int, ...] = GUARD_RATES
+    guard_repeats: int = GUARD_REPEATS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScenarioResult:
     scenario: Scenario
-    summaries: tuple[Summary, ...]
-    rounds: dict[str, list[wrk.WrkReport]]
     proxy_log: list[str]  # warnings and errors canary-proxy logged during the scenario
+    summaries: tuple[Summary, ...] = ()  # throughput scenarios
+    rounds: dict[str, list[wrk.WrkReport]] | None = None
+    idle: tuple[IdleResult, ...] = ()  # the idle scenario
+    reaction: tuple[ReactionSummary, ...] = ()  # the guard scenario
+    not_applicable: tuple[str, ...] = ()  # targets the scenario cannot measure (n/a rows)
 
 
 # --- options -------------------------------------------------------------------------------
@@ -92,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-cpu", type=int, default=0, help="core for wrk and the upstream")
     parser.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=IDLE_CONNECTIONS,
+        help=f"idle scenario: idle keep-alive clients (default {IDLE_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--guard-rates",
+        default=",".join(str(rate) for rate in GUARD_RATES),
+        help="guard scenario: comma list of offered req/s (default %(default)s)",
+    )
+    parser.add_argument(
+        "--guard-repeats",
+        type=int,
+        default=GUARD_REPEATS,
+        help=f"guard scenario: repeats per rate (default {GUARD_REPEATS})",
+    )
     return parser
 
 
@@ -109,6 +150,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
             load_cpu=args.load_cpu,
             proxy_cpu=args.proxy_cpu,
             keep_workdir=args.keep_workdir,
+            idle_connections=args.idle_connections,
+            guard_rates=_rates(args.guard_rates),
+            guard_repeats=args.guard_repeats,
         )
         _validate(options)
     except ValueError as error:
@@ -118,6 +162,16 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 
 def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(item) for item in _split(text))
+    except ValueError:
+        raise ValueError(f"--guard-rates must be whole req/s, got {text!r}") from None
+    if not rates or min(rates) < 1:
+        raise ValueError("--guard-rates needs at least one rate of 1 req/s or more")
+    return rates
 
 
 def _scenarios(text: str) -> tuple[Scenario, ...]:
@@ -151,6 +205,8 @@ def _validate(options: Options) -> None:
         raise ValueError("--rounds and --connections must be at least 1")
     if options.duration < 1 or options.warmup < 0:
         raise ValueError("--duration must be at least 1 and --warmup not negative")
+    if options.idle_connections < 1 or options.guard_repeats < 1:
+        raise ValueError("--idle-connections and --guard-repeats must be at least 1")
     usable = os.sched_getaffinity(0)
     for cpu in (options.load_cpu, options.proxy_cpu):
         if cpu not in usable:
@@ -174,7 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted; every process it started is stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ProcessFailed, SmokeFailed, wrk.WrkFailed, subprocess.SubprocessError) as error:
+    except (
+        ProcessFailed,
+        SmokeFailed,
+        wrk.WrkFailed,
+        IdleFailed,
+        ReactionFailed,
+        subprocess.SubprocessError,
+    ) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -185,6 +248,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _run(options: Options) -> int:
     tools = toolchain.ensure(_required_tools(options.targets))
+    if any(s.kind == "idle" for s in options.scenarios):
+        # Before any target starts: they inherit it (nginx and HAProxy also set their own).
+        idle.raise_fd_limit(options.idle_connections)
     started = datetime.now(UTC)
     machine = _machine(tools)
     print(_header(started, machine, options), flush=True)
@@ -232,6 +298,10 @@ def _run_scenario(
     host: Host, upstream: Target, scenario: Scenario, options: Options
 ) -> ScenarioResult:
     print(f"\n## {scenario.name}: {scenario.description}", flush=True)
+    if scenario.kind == "idle":
+        return _run_idle(host, upstream, scenario, options)
+    if scenario.kind == "reaction":
+        return _run_reaction(host, upstream, scenario, options)
     with ExitStack() as stack:
         targets = [start_target(stack, host, key, scenario, upstream) for key in options.targets]
         for target in targets:
@@ -254,6 +324,7 @@ def _interleaved_rounds(
         cpu=host.load_cpu,
         connections=options.connections,
         script=STICKY_SCRIPT if scenario.sticky else None,
+        headers=(CLOSE_HEADER,) if scenario.close else (),
     )
     rounds: dict[str, list[wrk.WrkReport]] = {t.name: [] for t in targets}
     for number in range(options.rounds):
@@ -269,17 +340,103 @@ def _measure(
     url = target.url(scenario.path)
     if options.warmup > 0:
         wrk.run(load, url=url, seconds=options.warmup)  # not counted
+    opens = _tcp_active_opens() if scenario.close else None
     result = wrk.run(load, url=url, seconds=options.duration)
+    if opens is not None:
+        after = _tcp_active_opens()
+        result = replace(result, tcp_opens=None if after is None else after - opens)
     ensure_alive(target.process)
     print(f"  round {number + 1}/{options.rounds}  {_progress(target.name, result)}", flush=True)
     return result
 
 
+def _tcp_active_opens() -> int | None:
+    """The host's count of TCP connects so far (its network namespace's, in fact)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    except OSError:
+        return None
+    tcp = [fields for fields in lines if fields and fields[0] == "Tcp:"]
+    if len(tcp) < 2 or "ActiveOpens" not in tcp[0]:
+        return None
+    return int(tcp[1][tcp[0].index("ActiveOpens")])
+
+
 def _progress(name: str, result: wrk.WrkReport) -> str:
+    opens = ""
+    if result.tcp_opens is not None and result.requests:
+        opens = f"  conn/req {result.tcp_opens / result.requests:.2f}"
     return (
         f"{name:<13} {result.requests_per_second:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
         f"  p99 {result.p99_ms:6.2f} ms  socket errors {result.socket_errors.total}"
-        f"  non-2xx {result.non_2xx}"
+        f"  non-2xx {result.non_2xx}{opens}"
+    )
+
+
+def _run_idle(host: Host, upstream: Target, scenario: Scenario, options: Options) -> ScenarioResult:
+    """Each proxy alone, started fresh: its RSS before and after the idle connections."""
+    results: list[IdleResult] = []
+    proxy_log: list[str] = []
+    previous = pin_self(options.load_cpu)  # the client side, on the load core
+    try:
+        for key in options.targets:
+            if key == "direct":
+                continue
+            with ExitStack() as stack:
+                target = start_target(stack, host, key, scenario, upstream)
+                smoke_check(target, scenario)
+                result = idle.measure(target, path=scenario.path, count=options.idle_connections)
+                ensure_alive(target.process)
+                if target.name == report.REFERENCE:
+                    proxy_log += problem_lines(target)
+            print(
+                f"  {result.target:<13} {result.per_connection_kb:6.1f} KB/conn"
+                f"  RSS {result.rss_before_kb:,} -> {result.rss_after_kb:,} KiB"
+                f"  ({result.processes}; {result.still_open:,}/{result.connections:,} still open)",
+                flush=True,
+            )
+            results.append(result)
+    finally:
+        os.sched_setaffinity(0, previous)
+    skipped = ("direct",) if "direct" in options.targets else ()
+    print()
+    print(report.idle_table(results, skipped))
+    print(report.idle_verdict(results))
+    _print_log(proxy_log)
+    return ScenarioResult(
+        scenario=scenario, proxy_log=proxy_log, idle=tuple(results), not_applicable=skipped
+    )
+
+
+def _run_reaction(
+    host: Host, upstream: Target, scenario: Scenario, options: Options
+) -> ScenarioResult:
+    """canary-proxy only: nginx and HAProxy have no guard (n/a rows in the table)."""
+    peers = tuple(DISPLAY_NAMES[key] for key in options.targets if key != "proxy")
+    if "proxy" not in options.targets:
+        print("  skipped: only canary-proxy has a guard, and it is not among the targets")
+        return ScenarioResult(scenario=scenario, proxy_log=[], not_applicable=peers)
+    proxy_log: list[str] = []
+    previous = pin_self(options.load_cpu)  # the paced load runs in this process
+    try:
+        with ExitStack() as stack:
+            canary = start_fake_canary(stack, host)
+            summaries = reaction.run(
+                host,
+                upstream,
+                canary,
+                scenario,
+                rates=options.guard_rates,
+                repeats=options.guard_repeats,
+                log=proxy_log,
+            )
+    finally:
+        os.sched_setaffinity(0, previous)
+    print()
+    print(report.reaction_table(summaries, peers))
+    _print_log(proxy_log)
+    return ScenarioResult(
+        scenario=scenario, proxy_log=proxy_log, reaction=summaries, not_applicable=peers
     )
 
 
@@ -287,6 +444,10 @@ def _print_scenario(summaries: Sequence[Summary], proxy_log: Sequence[str]) -> N
     print()
     print(report.table(summaries))
     print(report.verdict(summaries))
+    _print_log(proxy_log)
+
+
+def _print_log(proxy_log: Sequence[str]) -> None:
     if proxy_log:
         print(f"canary-proxy logged {len(proxy_log)} warning/error lines, first ones:")
         print("\n".join(f"  {line}" for line in proxy_log[:5]))
@@ -361,6 +522,9 @@ def _header(started: datetime, machine: dict[str, object], options: Options) -> 
             f" test alone on core {options.proxy_cpu} (taskset -c)",
             f"load: wrk -t1 -c{options.connections}, {options.rounds} interleaved rounds x"
             f" ({per_target}) per target; table = medians of the rounds",
+            f"idle: {options.idle_connections:,} idle keep-alive clients per proxy;"
+            f" guard: {', '.join(f'{r:,}' for r in options.guard_rates)} req/s open-loop,"
+            f" {options.guard_repeats} repeats each",
             "upstream: nginx, 1 worker; split 10% canary, stable and canary both that upstream",
             f"targets: {', '.join(DISPLAY_NAMES[key] for key in options.targets)}",
             f"load average before the run: {machine['load_average_before']}",
@@ -385,8 +549,12 @@ def _write_results(
     path = RESULTS / "latest.json"
     report.write_json(path, payload)
     print(f"\nresults: {path.relative_to(ROOT)}")
-    tables: dict[str, Sequence[Summary]] = {r.scenario.name: r.summaries for r in results}
-    print(report.write_chart(RESULTS / "latest.png", tables))
+    chart = report.ChartData(
+        throughput={r.scenario.name: r.summaries for r in results if r.summaries},
+        idle=[item for r in results for item in r.idle],
+        reaction=[item for r in results for item in r.reaction],
+    )
+    print(report.write_chart(RESULTS / "latest.png", chart))
 
 
 def _method(options: Options) -> dict[str, object]:
@@ -400,17 +568,58 @@ def _method(options: Options) -> dict[str, object]:
         "proxy_cpu": options.proxy_cpu,
         "targets": [DISPLAY_NAMES[key] for key in options.targets],
         "aggregation": "median of rounds for req/s, p50, p99; errors summed",
+        "newconn": f"wrk -H '{CLOSE_HEADER}'; conn/req = host-wide TCP ActiveOpens / requests",
+        "idle": {
+            "connections": options.idle_connections,
+            "rss": "VmRSS summed over the target's process group, KiB",
+            "per_connection_kb": "(rss_after_kb - rss_before_kb) / connections",
+        },
+        "guard": {
+            "rates": list(options.guard_rates),
+            "repeats": options.guard_repeats,
+            "load": f"open-loop, {reaction.CONNECTIONS} keep-alive connections",
+            "healthy_seconds_before_t0": GUARD_WINDOW_SECONDS,
+            "canary_weight_percent": CANARY_WEIGHT,
+            "guard": {
+                "window_seconds": GUARD_WINDOW_SECONDS,
+                "min_requests": GUARD_MIN_REQUESTS,
+                "max_error_rate": GUARD_MAX_ERROR_RATE,
+                "max_error_rate_increase": GUARD_MAX_ERROR_RATE_INCREASE,
+                "action": "rollback",
+            },
+            "rollback_ms": "audit event `at` of the rollback - T0 (the fake canary's switch)",
+            "failed": "5xx or no response, answered from T0 on",
+        },
     }
 
 
 def _scenario_json(result: ScenarioResult) -> dict[str, object]:
+    scenario = result.scenario
+    common: dict[str, object] = {"kind": scenario.kind, "description": scenario.description}
+    if scenario.kind == "idle":
+        return {
+            **common,
+            "results": [asdict(item) for item in result.idle],
+            "not_applicable": list(result.not_applicable),
+            "verdict": report.idle_verdict(result.idle),
+            "canary_proxy_log": result.proxy_log,
+        }
+    if scenario.kind == "reaction":
+        return {
+            **common,
+            "summary": [asdict(item) for item in result.reaction],
+            "not_applicable": dict.fromkeys(result.not_applicable, "no guard"),
+            "canary_proxy_log": result.proxy_log,
+        }
+    rounds = result.rounds or {}
     return {
-        "description": result.scenario.description,
-        "path": result.scenario.path,
-        "sticky": result.scenario.sticky,
+        **common,
+        "path": scenario.path,
+        "sticky": scenario.sticky,
+        "close": scenario.close,
         "summary": [asdict(summary) for summary in result.summaries],
         "verdict": report.verdict(result.summaries),
-        "rounds": {name: [asdict(r) for r in reports] for name, reports in result.rounds.items()},
+        "rounds": {name: [asdict(r) for r in reports] for name, reports in rounds.items()},
         "canary_proxy_log": result.proxy_log,
     }
 

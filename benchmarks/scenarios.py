@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-ScenarioName = Literal["small", "sticky", "guarded", "large"]
+ScenarioName = Literal["small", "sticky", "guarded", "large", "newconn", "idle", "guard"]
+# throughput: wrk rounds against every target; idle: RSS per idle keep-alive client connection;
+# reaction: canary-proxy's guard against a canary that starts failing (the peers have no guard).
+ScenarioKind = Literal["throughput", "idle", "reaction"]
 
 CANARY_WEIGHT: Final = 10  # percent of requests to the canary, in every proxy
 STICKY_HEADER: Final = "X-User-ID"
@@ -19,6 +22,18 @@ LARGE_BODY_BYTES: Final = 64 * 1024
 LARGE_PATH: Final = "/large"
 KEEPALIVE_REQUESTS: Final = 100_000_000  # never close a benchmark connection for its age
 UPSTREAM_KEEPALIVE: Final = 64  # idle pooled connections nginx keeps to the upstream
+CLOSE_HEADER: Final = "Connection: close"  # newconn: every request on a connection of its own
+
+IDLE_CONNECTIONS: Final = 1000  # idle keep-alive clients whose memory the idle scenario weighs
+IDLE_GOAL_KB: Final = 10.0  # issue 5: at most this much RSS per idle client connection
+
+GUARD_RATES: Final = (200, 2000)  # offered req/s of the guard's reaction scenario
+GUARD_REPEATS: Final = 3  # per rate; the table shows their median and max
+GUARD_WINDOW_SECONDS: Final = 5  # the guard's window; the canary is healthy this long first
+GUARD_MIN_REQUESTS: Final = 20
+GUARD_MAX_ERROR_RATE: Final = 0.05
+GUARD_MAX_ERROR_RATE_INCREASE: Final = 0.02
+CANARY_CONTROL_PREFIX: Final = "/__bench/"  # the fake canary's switch: /__bench/fail, /heal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,6 +44,8 @@ class Scenario:
     body_bytes: int
     description: str
     guard: bool = False  # canary-proxy runs its live guard (the peers have no equivalent)
+    close: bool = False  # wrk sends `Connection: close`: a new connection per request
+    kind: ScenarioKind = "throughput"
 
 
 SCENARIOS: Final = (
@@ -60,6 +77,36 @@ SCENARIOS: Final = (
         sticky=False,
         body_bytes=LARGE_BODY_BYTES,
         description="64 KB responses over keep-alive, random split",
+    ),
+    Scenario(
+        name="newconn",
+        path="/",
+        sticky=False,
+        body_bytes=len(SMALL_BODY),
+        description=f"as small, with a new connection per request ({CLOSE_HEADER})",
+        close=True,
+    ),
+    Scenario(
+        name="idle",
+        path="/",
+        sticky=False,
+        body_bytes=len(SMALL_BODY),
+        description=(
+            f"RSS per idle keep-alive client: {IDLE_CONNECTIONS:,} connections,"
+            " one request each, then idle"
+        ),
+        kind="idle",
+    ),
+    Scenario(
+        name="guard",
+        path="/",
+        sticky=False,
+        body_bytes=len(SMALL_BODY),
+        description=(
+            "the guard's reaction: the canary starts answering 500 at T0 under an open-loop"
+            f" load of {' and '.join(f'{rate:,}' for rate in GUARD_RATES)} req/s"
+        ),
+        kind="reaction",
     ),
 )
 
@@ -197,4 +244,26 @@ routes:
     canary: {{upstreams: {upstream}, revision: v2}}
     split:
       weight: {CANARY_WEIGHT}{sticky_line}
+"""
+
+
+def guard_reaction_yaml(*, home: Path, port: int, stable_port: int, canary_port: int) -> str:
+    """canary-proxy for the guard scenario: the canary is the switchable fake, with a guard."""
+    return f"""\
+listen: "127.0.0.1:{port}"
+admin: {{listen: "127.0.0.1:0"}}
+state_dir: {home}/state
+timeouts: {{shutdown: 1s}}
+routes:
+  - name: bench
+    stable: {{upstreams: ["http://127.0.0.1:{stable_port}"], revision: v1}}
+    canary: {{upstreams: ["http://127.0.0.1:{canary_port}"], revision: v2}}
+    split:
+      weight: {CANARY_WEIGHT}
+    guard:
+      window: {GUARD_WINDOW_SECONDS}s
+      min_requests: {GUARD_MIN_REQUESTS}
+      max_error_rate: {GUARD_MAX_ERROR_RATE}
+      max_error_rate_increase: {GUARD_MAX_ERROR_RATE_INCREASE}
+      action: rollback
 """

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -16,10 +18,12 @@ from typing import Final, Literal
 
 from processes import Running, free_port, launch, wait_for_port
 from scenarios import (
+    CLOSE_HEADER,
     LARGE_BODY_BYTES,
     STICKY_HEADER,
     Scenario,
     canary_proxy_yaml,
+    guard_reaction_yaml,
     haproxy_cfg,
     nginx_proxy_conf,
     upstream_nginx_conf,
@@ -33,6 +37,7 @@ DISPLAY_NAMES: Final[Mapping[TargetKey, str]] = {
     "nginx": "nginx",
     "haproxy": "haproxy",
 }
+FAKE_CANARY: Final = Path(__file__).resolve().parent / "fake_canary.py"
 START_TIMEOUT_SECONDS: Final = 10.0
 SMOKE_TIMEOUT_SECONDS: Final = 5.0
 # canary-proxy log lines worth reporting after a run (its format: "<time> LEVEL message").
@@ -122,6 +127,29 @@ def _start_haproxy(stack: ExitStack, host: Host, scenario: Scenario, upstream_po
     return _start(stack, name="haproxy", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
 
 
+def start_fake_canary(stack: ExitStack, host: Host) -> Target:
+    """The switchable canary of the guard scenario (fake_canary.py), on the load core."""
+    home = _home(host, "fake-canary")
+    port = free_port()
+    argv = [sys.executable, str(FAKE_CANARY), str(port)]
+    return _start(stack, name="fake-canary", argv=argv, cpu=host.load_cpu, home=home, port=port)
+
+
+def start_guarded_proxy(
+    stack: ExitStack, host: Host, *, name: str, stable_port: int, canary_port: int
+) -> tuple[Target, Path]:
+    """canary-proxy with a guard over the fake canary; also the path of its audit log."""
+    home = _home(host, f"{name}-canary-proxy")
+    port = free_port()
+    yaml = guard_reaction_yaml(
+        home=home, port=port, stable_port=stable_port, canary_port=canary_port
+    )
+    config = _write(home / "proxy.yaml", yaml)
+    argv = [str(host.canary_proxy), "run", "--config", str(config)]
+    target = _start(stack, name="canary-proxy", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
+    return target, home / "state" / "audit.jsonl"
+
+
 _Starter = Callable[[ExitStack, Host, Scenario, int], Target]
 _STARTERS: Final[Mapping[TargetKey, _Starter]] = {
     "proxy": _start_canary_proxy,
@@ -157,6 +185,9 @@ def _write(path: Path, text: str) -> Path:
 
 def smoke_check(target: Target, scenario: Scenario) -> None:
     """One GET before the load, so a broken target fails loudly instead of scoring 0 req/s."""
+    if scenario.close:
+        _smoke_check_close(target, scenario)
+        return
     connection = http.client.HTTPConnection("127.0.0.1", target.port, timeout=SMOKE_TIMEOUT_SECONDS)
     headers = {STICKY_HEADER: "smoke-test"} if scenario.sticky else {}
     try:
@@ -172,6 +203,29 @@ def smoke_check(target: Target, scenario: Scenario) -> None:
             f"{target.name}: GET {scenario.path} gave {response.status} with {len(body)} bytes,"
             f" expected 200 with {scenario.body_bytes}"
         )
+
+
+def _smoke_check_close(target: Target, scenario: Scenario) -> None:
+    """A GET with `Connection: close` must be answered with `Connection: close` and the
+    connection closed: that is what makes wrk open a new connection for its next request."""
+    request = f"GET {scenario.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n{CLOSE_HEADER}\r\n"
+    received = b""
+    try:
+        with socket.create_connection(("127.0.0.1", target.port), SMOKE_TIMEOUT_SECONDS) as sock:
+            sock.sendall((request + "\r\n").encode("ascii"))
+            while chunk := sock.recv(65536):  # until the target closes; a timeout if it never does
+                received += chunk
+    except OSError as error:
+        raise SmokeFailed(
+            f"{target.name}: GET {scenario.path} with {CLOSE_HEADER} was not answered and closed"
+            f" within {SMOKE_TIMEOUT_SECONDS:.0f}s: {error}"
+        ) from error
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").lower().split("\r\n")
+    if not lines[0].startswith("http/1.1 200") or len(body) != scenario.body_bytes:
+        raise SmokeFailed(f"{target.name}: GET with {CLOSE_HEADER} gave {received[:200]!r}")
+    if "connection: close" not in lines[1:]:
+        raise SmokeFailed(f"{target.name}: the answer to {CLOSE_HEADER} lacks {CLOSE_HEADER}")
 
 
 def problem_lines(target: Target) -> list[str]:

@@ -58,6 +58,7 @@ class WrkReport:
     p99_ms: float
     socket_errors: SocketErrors
     non_2xx: int  # wrk counts responses outside 2xx and 3xx
+    tcp_opens: int | None = None  # host-wide TCP connects during the run (newconn only)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,11 +69,14 @@ class Load:
     cpu: int
     connections: int
     script: Path | None  # a Lua script, e.g. one that sets a header per request
+    headers: tuple[str, ...] = ()  # extra request headers, e.g. "Connection: close"
 
 
 def command(load: Load, *, url: str, seconds: int) -> list[str]:
     argv = [load.wrk, "-t1", f"-c{load.connections}", f"-d{seconds}s", "--latency"]
     argv += ["--timeout", WRK_TIMEOUT]
+    for header in load.headers:
+        argv += ["-H", header]
     if load.script is not None:
         argv += ["-s", str(load.script)]
     return pinned(load.cpu, [*argv, url])
