@@ -21,7 +21,7 @@ typecheck: $(STAMP)
 
 # The pure core (decisions: config, bucketing, routing, headers, windows, guard, rollout) keeps
 # 100 % branch coverage.
-PURE_CORE := proxy/config.py,proxy/bucketing.py,proxy/routing.py,proxy/headers.py,proxy/window.py,proxy/guard.py,proxy/rollout.py
+PURE_CORE := proxy/config.py,proxy/schema.py,proxy/bucketing.py,proxy/routing.py,proxy/headers.py,proxy/window.py,proxy/guard.py,proxy/rollout.py
 
 unit: $(STAMP)
 	$(BIN)/pytest -q --cov=proxy --cov-branch --cov-report=

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=None, help="config file to validate")
+    commands.add_parser("schema", help="print the config file's JSON Schema (for editors)")
     demo = commands.add_parser("demo", help="self-contained demo of the split")
     demo.add_argument("--requests", type=int, default=2000, help="requests to send")
     _add_admin_commands(commands)
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _check(args.config or _default_config_path())
+    if args.command == "schema":
+        return _schema()
     if args.command == "run":
         return _run(args.config or _default_config_path())
     if args.command == "demo":
@@ -180,6 +183,15 @@ def _check(path: str) -> int:
     if config is None:
         return EXIT_CONFIG
     print("OK")
+    return EXIT_OK
+
+
+def _schema() -> int:
+    import json
+
+    from proxy.schema import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
     return EXIT_OK
 
 

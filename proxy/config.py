@@ -150,6 +150,61 @@ class Config:
     routes: tuple[Route, ...]
 
 
+# --- Field tables --------------------------------------------------------------------------------
+#
+# What each mapping in the file may hold. The parser accepts exactly these names (anything else is
+# an unknown field) and reports a missing required one; `proxy.schema` builds the JSON Schema for
+# editors from the same tables, so the two cannot drift apart.
+
+ValueKind = Literal[
+    "address",  # host:port or [ipv6]:port
+    "path",  # a file or folder, relative to the config file's folder
+    "text",  # any non-blank string
+    "env_name",
+    "duration",  # 250ms, 10s, 2m, 1h or a number of seconds; > 0
+    "integer",  # at least the field's `minimum`
+    "route_name",
+    "host",  # a request host to match
+    "path_prefix",
+    "upstream",  # http://host[:port]
+    "percentage",  # 0..100, at most two decimals
+    "step",  # a percentage above 0
+    "ratio",  # 0..1
+    "header_name",
+    "cookie_name",
+    "guard_action",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FieldSpec:
+    """One field of a mapping: its name, what it holds, and how the docs describe it."""
+
+    name: str
+    kind: ValueKind | SectionSpec
+    description: str
+    required: bool = False
+    many: bool = False  # a non-empty list of `kind`
+    minimum: int = 0  # integers only
+    default: str | float | None = None  # None: no default, or one the description explains
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SectionSpec:
+    """A mapping in the file: a name for the schema, and its fields in the order they are read."""
+
+    name: str
+    fields: tuple[FieldSpec, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.fields)
+
+    def field(self, name: str) -> FieldSpec:
+        """The field called `name`; KeyError if the table has none (a parser bug)."""
+        return {spec.name: spec for spec in self.fields}[name]
+
+
 # --- Parsing -------------------------------------------------------------------------------------
 #
 # Every parser takes the context (where we are) and the raw value, and returns the parsed value or
@@ -164,26 +219,290 @@ DEFAULT_STATE_DIR: Final = "./state"
 T = TypeVar("T")
 _Parse: TypeAlias = Callable[["_Context", object], T | None]
 
-_CONFIG_FIELDS: Final = ("listen", "admin", "state_dir", "timeouts", "limits", "routes")
-_ADMIN_FIELDS: Final = ("listen", "token_env", "token_file")
-_TIMEOUT_FIELDS: Final = ("connect", "response_header", "idle", "client_header", "shutdown")
-_LIMIT_MINIMUMS: Final = {"max_header_bytes": 256, "max_url_bytes": 256, "max_body_bytes": 0}
-_ROUTE_FIELDS: Final = ("name", "match", "stable", "canary", "split", "rollout", "guard")
-_MATCH_FIELDS: Final = ("host", "path_prefix")
-_VERSION_FIELDS: Final = ("upstreams", "revision")
-_SPLIT_FIELDS: Final = ("weight", "salt", "sticky", "force")
-_KEY_SOURCE_FIELDS: Final = ("header", "cookie")
-_ROLLOUT_FIELDS: Final = ("steps", "interval")
-_GUARD_FIELDS: Final = (
-    "window",
-    "min_requests",
-    "max_error_rate",
-    "max_error_rate_increase",
-    "max_p99_latency",
-    "action",
+_TIMEOUTS: Final = Timeouts()
+_LIMITS: Final = Limits()
+_GUARD_DEFAULTS: Final = Guard()
+
+_ADMIN_SECTION: Final = SectionSpec(
+    name="admin",
+    fields=(
+        FieldSpec(
+            name="listen",
+            kind="address",
+            default=str(DEFAULT_ADMIN_LISTEN),
+            description="Where the admin API listens: host:port or [ipv6]:port; off loopback it"
+            " needs a token.",
+        ),
+        FieldSpec(
+            name="token_env",
+            kind="env_name",
+            default=DEFAULT_ADMIN_TOKEN_ENV,
+            description="Environment variable holding the bearer token for POST/PUT requests."
+            " Set token_env or token_file, not both.",
+        ),
+        FieldSpec(
+            name="token_file",
+            kind="path",
+            description="File holding the bearer token for POST/PUT requests, relative to the"
+            " config file's folder. Set token_env or token_file, not both.",
+        ),
+    ),
+)
+_TIMEOUTS_SECTION: Final = SectionSpec(
+    name="timeouts",
+    fields=(
+        FieldSpec(
+            name="connect",
+            kind="duration",
+            default=_TIMEOUTS.connect,
+            description="Opening a connection to an upstream.",
+        ),
+        FieldSpec(
+            name="response_header",
+            kind="duration",
+            default=_TIMEOUTS.response_header,
+            description="From the request sent to the upstream's response headers.",
+        ),
+        FieldSpec(
+            name="idle",
+            kind="duration",
+            default=_TIMEOUTS.idle,
+            description="An idle keep-alive connection (client or upstream).",
+        ),
+        FieldSpec(
+            name="client_header",
+            kind="duration",
+            default=_TIMEOUTS.client_header,
+            description="A client sending its request headers.",
+        ),
+        FieldSpec(
+            name="shutdown",
+            kind="duration",
+            default=_TIMEOUTS.shutdown,
+            description="Draining in-flight requests on SIGTERM.",
+        ),
+    ),
+)
+_LIMITS_SECTION: Final = SectionSpec(
+    name="limits",
+    fields=(
+        FieldSpec(
+            name="max_header_bytes",
+            kind="integer",
+            minimum=256,
+            default=_LIMITS.max_header_bytes,
+            description="Larger request headers get 431 (at least 256).",
+        ),
+        FieldSpec(
+            name="max_url_bytes",
+            kind="integer",
+            minimum=256,
+            default=_LIMITS.max_url_bytes,
+            description="A longer request target gets 414 (at least 256).",
+        ),
+        FieldSpec(
+            name="max_body_bytes",
+            kind="integer",
+            minimum=0,
+            default=_LIMITS.max_body_bytes,
+            description="Larger bodies get 413; 0 = unlimited (streamed).",
+        ),
+    ),
+)
+_MATCH_SECTION: Final = SectionSpec(
+    name="match",
+    fields=(
+        FieldSpec(
+            name="host",
+            kind="host",
+            description="Request host, case-insensitive, port ignored; absent = any host.",
+        ),
+        FieldSpec(
+            name="path_prefix",
+            kind="path_prefix",
+            default=Match().path_prefix,
+            description="Request path prefix.",
+        ),
+    ),
+)
+_VERSION_SECTION: Final = SectionSpec(
+    name="version",
+    fields=(
+        FieldSpec(
+            name="upstreams",
+            kind="upstream",
+            many=True,
+            required=True,
+            description="Instances as http://host[:port], used round-robin.",
+        ),
+        FieldSpec(
+            name="revision",
+            kind="text",
+            description="Optional label; a new canary revision clears an earlier rollback.",
+        ),
+    ),
+)
+_KEY_SOURCE_SECTION: Final = SectionSpec(
+    name="key_source",
+    fields=(
+        FieldSpec(name="header", kind="header_name", description="Header name (checked first)."),
+        FieldSpec(name="cookie", kind="cookie_name", description="Cookie name."),
+    ),
+)
+_SPLIT_SECTION: Final = SectionSpec(
+    name="split",
+    fields=(
+        FieldSpec(
+            name="weight",
+            kind="percentage",
+            default=0,
+            description="Percent of traffic to the canary; with a rollout it must equal the"
+            " first step (or be left out).",
+        ),
+        FieldSpec(
+            name="salt",
+            kind="text",
+            description="Bucketing salt; default = route name.",
+        ),
+        FieldSpec(
+            name="sticky",
+            kind=_KEY_SOURCE_SECTION,
+            description="Where the sticky bucketing key comes from: header, then cookie.",
+        ),
+        FieldSpec(
+            name="force",
+            kind=_KEY_SOURCE_SECTION,
+            description='Where a forced choice comes from: value "always" -> canary,'
+            ' "never" -> stable.',
+        ),
+    ),
+)
+_ROLLOUT_SECTION: Final = SectionSpec(
+    name="rollout",
+    fields=(
+        FieldSpec(
+            name="steps",
+            kind="step",
+            many=True,
+            required=True,
+            description="Ascending percentages; the weight starts at the first.",
+        ),
+        FieldSpec(
+            name="interval",
+            kind="duration",
+            required=True,
+            description="Healthy dwell time per step.",
+        ),
+    ),
+)
+_GUARD_SECTION: Final = SectionSpec(
+    name="guard",
+    fields=(
+        FieldSpec(
+            name="window",
+            kind="duration",
+            default=_GUARD_DEFAULTS.window,
+            description="Sliding window.",
+        ),
+        FieldSpec(
+            name="min_requests",
+            kind="integer",
+            minimum=1,
+            default=_GUARD_DEFAULTS.min_requests,
+            description="Canary requests in the window before any verdict.",
+        ),
+        FieldSpec(
+            name="max_error_rate",
+            kind="ratio",
+            default=_GUARD_DEFAULTS.max_error_rate,
+            description="Canary errors / canary requests.",
+        ),
+        FieldSpec(
+            name="max_error_rate_increase",
+            kind="ratio",
+            description="Optional: canary error rate minus stable error rate.",
+        ),
+        FieldSpec(
+            name="max_p99_latency",
+            kind="duration",
+            description="Optional: canary p99 latency.",
+        ),
+        FieldSpec(
+            name="action",
+            kind="guard_action",
+            default=_GUARD_DEFAULTS.action,
+            description="rollback, or observe (record the verdict, change nothing).",
+        ),
+    ),
+)
+_ROUTE_SECTION: Final = SectionSpec(
+    name="route",
+    fields=(
+        FieldSpec(
+            name="name",
+            kind="route_name",
+            required=True,
+            description="Unique; [a-z0-9-]+.",
+        ),
+        FieldSpec(
+            name="match",
+            kind=_MATCH_SECTION,
+            description="Which requests the route takes; absent = every request.",
+        ),
+        FieldSpec(
+            name="stable", kind=_VERSION_SECTION, required=True, description="Stable version."
+        ),
+        FieldSpec(name="canary", kind=_VERSION_SECTION, description="Optional: canary version."),
+        FieldSpec(
+            name="split",
+            kind=_SPLIT_SECTION,
+            description="How requests split between stable and canary.",
+        ),
+        FieldSpec(
+            name="rollout",
+            kind=_ROLLOUT_SECTION,
+            description="Optional: automatic ramp; requires a canary.",
+        ),
+        FieldSpec(
+            name="guard",
+            kind=_GUARD_SECTION,
+            description="Optional: in-line automatic rollback; requires a canary.",
+        ),
+    ),
+)
+CONFIG_SECTION: Final = SectionSpec(
+    name="config",
+    fields=(
+        FieldSpec(
+            name="listen",
+            kind="address",
+            default=str(DEFAULT_LISTEN),
+            description="Where the proxy serves traffic: host:port or [ipv6]:port.",
+        ),
+        FieldSpec(
+            name="admin",
+            kind=_ADMIN_SECTION,
+            description="The admin API, on its own listener.",
+        ),
+        FieldSpec(
+            name="state_dir",
+            kind="path",
+            default=DEFAULT_STATE_DIR,
+            description="Rollout state and audit log; survives restarts. Relative to the config"
+            " file's folder.",
+        ),
+        FieldSpec(name="timeouts", kind=_TIMEOUTS_SECTION, description="Timeouts."),
+        FieldSpec(name="limits", kind=_LIMITS_SECTION, description="Request size limits."),
+        FieldSpec(
+            name="routes",
+            kind=_ROUTE_SECTION,
+            many=True,
+            required=True,
+            description="Routes; the first match wins.",
+        ),
+    ),
 )
 _GUARD_ACTIONS: Final[dict[str, GuardAction]] = {"rollback": "rollback", "observe": "observe"}
-_GUARD_DEFAULTS: Final = Guard()
 _NO_VERSION: Final = Version(upstreams=())  # stands in for a broken one; the config is rejected
 
 _DURATION: Final = re.compile(r"(?P<amount>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)")
@@ -214,7 +533,7 @@ def parse_config(data: object, *, base_dir: str) -> Config:
         raise ConfigError((ConfigProblem(path="", message="config must be a mapping"),))
     problems: list[ConfigProblem] = []
     config = _config(
-        _read_fields(_Context(path="", problems=problems), data, _CONFIG_FIELDS), base_dir
+        _read_fields(_Context(path="", problems=problems), data, CONFIG_SECTION), base_dir
     )
     if problems:
         raise ConfigError(tuple(problems))
@@ -240,8 +559,9 @@ class _Context:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Section:
-    """A mapping being read: its known fields, and the context they sit in."""
+    """A mapping being read: its table, its known fields, and the context they sit in."""
 
+    spec: SectionSpec
     ctx: _Context
     fields: Mapping[str, object]
 
@@ -249,29 +569,34 @@ class _Section:
         return self.fields.get(name) is not None
 
     def get(self, name: str, parse: _Parse[T]) -> T | None:
+        """The parsed field, or None if it is absent (a problem if the table requires it)."""
         raw = self.fields.get(name)
-        return None if raw is None else parse(self.ctx.at(name), raw)
-
-    def require(self, name: str, parse: _Parse[T]) -> T | None:
-        if not self.has(name):
+        if raw is not None:
+            return parse(self.ctx.at(name), raw)
+        if self.spec.field(name).required:
             self.ctx.at(name).report("is required")
-            return None
-        return self.get(name, parse)
+        return None
+
+    def get_integer(self, name: str) -> int | None:
+        return self.get(name, partial(_integer, minimum=self.spec.field(name).minimum))
 
 
-def _section(ctx: _Context, raw: object, allowed: tuple[str, ...]) -> _Section | None:
+def _section(ctx: _Context, raw: object, spec: SectionSpec) -> _Section | None:
     if not isinstance(raw, Mapping):
         ctx.report("must be a mapping")
         return None
-    return _read_fields(ctx, raw, allowed)
+    return _read_fields(ctx, raw, spec)
 
 
-def _read_fields(ctx: _Context, raw: Mapping[object, object], allowed: tuple[str, ...]) -> _Section:
+def _read_fields(ctx: _Context, raw: Mapping[object, object], spec: SectionSpec) -> _Section:
+    allowed = spec.names
     for key in raw:
         if key not in allowed:
             ctx.at(str(key)).report(_unknown_field(str(key), allowed))
     return _Section(
-        ctx=ctx, fields={k: v for k, v in raw.items() if isinstance(k, str) and k in allowed}
+        spec=spec,
+        ctx=ctx,
+        fields={k: v for k, v in raw.items() if isinstance(k, str) and k in allowed},
     )
 
 
@@ -300,12 +625,12 @@ def _config(section: _Section, base_dir: str) -> Config:
         ),
         timeouts=_or(section.get("timeouts", _timeouts), Timeouts()),
         limits=_or(section.get("limits", _limits), Limits()),
-        routes=_or(section.require("routes", _routes), ()),
+        routes=_or(section.get("routes", _routes), ()),
     )
 
 
 def _admin(ctx: _Context, raw: object, *, base_dir: str) -> Admin | None:
-    section = _section(ctx, raw, _ADMIN_FIELDS)
+    section = _section(ctx, raw, _ADMIN_SECTION)
     if section is None:
         return None
     listen = _or(section.get("listen", _address), DEFAULT_ADMIN_LISTEN)
@@ -319,25 +644,25 @@ def _admin(ctx: _Context, raw: object, *, base_dir: str) -> Admin | None:
 
 
 def _timeouts(ctx: _Context, raw: object) -> Timeouts | None:
-    section = _section(ctx, raw, _TIMEOUT_FIELDS)
+    section = _section(ctx, raw, _TIMEOUTS_SECTION)
     if section is None:
         return None
     given = {
         name: seconds
-        for name in _TIMEOUT_FIELDS
+        for name in _TIMEOUTS_SECTION.names
         if (seconds := section.get(name, _duration)) is not None
     }
     return Timeouts(**given)
 
 
 def _limits(ctx: _Context, raw: object) -> Limits | None:
-    section = _section(ctx, raw, tuple(_LIMIT_MINIMUMS))
+    section = _section(ctx, raw, _LIMITS_SECTION)
     if section is None:
         return None
     given = {
         name: size
-        for name, minimum in _LIMIT_MINIMUMS.items()
-        if (size := section.get(name, partial(_integer, minimum=minimum))) is not None
+        for name in _LIMITS_SECTION.names
+        if (size := section.get_integer(name)) is not None
     }
     return Limits(**given)
 
@@ -364,12 +689,12 @@ def _check_unique_names(ctx: _Context, routes: list[Route | None]) -> None:
 
 
 def _route(ctx: _Context, raw: object) -> Route | None:
-    section = _section(ctx, raw, _ROUTE_FIELDS)
+    section = _section(ctx, raw, _ROUTE_SECTION)
     if section is None:
         return None
-    name = _or(section.require("name", _route_name), "")
+    name = _or(section.get("name", _route_name), "")
     match = _or(section.get("match", _match), Match())
-    stable = _or(section.require("stable", _version), _NO_VERSION)
+    stable = _or(section.get("stable", _version), _NO_VERSION)
     canary = section.get("canary", _version)
     split = _or(section.get("split", _split), _SplitSpec())
     rollout = section.get("rollout", _rollout)
@@ -397,7 +722,7 @@ def _reject_canary_settings(route: _Section, split: _SplitSpec) -> None:
 
 
 def _match(ctx: _Context, raw: object) -> Match | None:
-    section = _section(ctx, raw, _MATCH_FIELDS)
+    section = _section(ctx, raw, _MATCH_SECTION)
     if section is None:
         return None
     return Match(
@@ -407,11 +732,11 @@ def _match(ctx: _Context, raw: object) -> Match | None:
 
 
 def _version(ctx: _Context, raw: object) -> Version | None:
-    section = _section(ctx, raw, _VERSION_FIELDS)
+    section = _section(ctx, raw, _VERSION_SECTION)
     if section is None:
         return None
     return Version(
-        upstreams=_or(section.require("upstreams", _upstreams), ()),
+        upstreams=_or(section.get("upstreams", _upstreams), ()),
         revision=section.get("revision", _string),
     )
 
@@ -435,7 +760,7 @@ class _SplitSpec:
 
 
 def _split(ctx: _Context, raw: object) -> _SplitSpec | None:
-    section = _section(ctx, raw, _SPLIT_FIELDS)
+    section = _section(ctx, raw, _SPLIT_SECTION)
     if section is None:
         return None
     return _SplitSpec(
@@ -465,7 +790,7 @@ def _freeze_split(ctx: _Context, spec: _SplitSpec, *, name: str, rollout: Rollou
 
 
 def _key_source(ctx: _Context, raw: object) -> KeySource | None:
-    section = _section(ctx, raw, _KEY_SOURCE_FIELDS)
+    section = _section(ctx, raw, _KEY_SOURCE_SECTION)
     if section is None:
         return None
     return KeySource(
@@ -475,11 +800,11 @@ def _key_source(ctx: _Context, raw: object) -> KeySource | None:
 
 
 def _rollout(ctx: _Context, raw: object) -> Rollout | None:
-    section = _section(ctx, raw, _ROLLOUT_FIELDS)
+    section = _section(ctx, raw, _ROLLOUT_SECTION)
     if section is None:
         return None
-    steps = section.require("steps", _steps)
-    interval = section.require("interval", _duration)
+    steps = section.get("steps", _steps)
+    interval = section.get("interval", _duration)
     if steps is None or interval is None:
         return None
     return Rollout(steps_bp=steps, interval=interval)
@@ -508,14 +833,12 @@ def _step(ctx: _Context, raw: object) -> int | None:
 
 
 def _guard(ctx: _Context, raw: object) -> Guard | None:
-    section = _section(ctx, raw, _GUARD_FIELDS)
+    section = _section(ctx, raw, _GUARD_SECTION)
     if section is None:
         return None
     return Guard(
         window=_or(section.get("window", _duration), _GUARD_DEFAULTS.window),
-        min_requests=_or(
-            section.get("min_requests", partial(_integer, minimum=1)), _GUARD_DEFAULTS.min_requests
-        ),
+        min_requests=_or(section.get_integer("min_requests"), _GUARD_DEFAULTS.min_requests),
         max_error_rate=_or(section.get("max_error_rate", _ratio), _GUARD_DEFAULTS.max_error_rate),
         max_error_rate_increase=section.get("max_error_rate_increase", _ratio),
         max_p99_latency=section.get("max_p99_latency", _duration),

@@ -28,6 +28,7 @@ PURE_MODULES: Final = (
     "proxy.window",
     "proxy.guard",
     "proxy.rollout",
+    "proxy.schema",
 )
 
 # A module's source and whether it is a package (its `__init__`), or None if it does not exist.
