@@ -47,8 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=None, help="config file to validate")
     commands.add_parser("schema", help="print the config file's JSON Schema (for editors)")
-    demo = commands.add_parser("demo", help="self-contained demo of the split")
-    demo.add_argument("--requests", type=int, default=2000, help="requests to send")
+    demo = commands.add_parser(
+        "demo", help="watch a canary ramp up, fail and be rolled back (self-contained)"
+    )
+    demo.add_argument(
+        "--scenario",
+        choices=("failing", "healthy"),
+        default="failing",
+        help="failing: the canary breaks at 50 %% and is rolled back (default); "
+        "healthy: it ramps to 100 %% and is promoted",
+    )
+    demo.add_argument(
+        "--duration",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the story lasts; the ramp's pace follows (default 30)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=_positive,
+        default=200.0,
+        metavar="REQ_PER_S",
+        help="requests per second from the demo's users (default 200)",
+    )
     _add_admin_commands(commands)
     return parser
 
@@ -115,12 +137,31 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config or _default_config_path())
     if args.command == "demo":
-        from proxy.demo import run_demo
-
-        return run_demo(requests=args.requests)
+        return _demo(args)
     if args.command == "status" or args.command in ADMIN_VERBS or args.command == "set-weight":
         return _admin(args)
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import plan_story, run_demo
+
+    try:
+        plan = plan_story(args.scenario, duration=args.duration, rate=args.rate)
+    except ValueError as error:  # options that are fine alone but leave no room for the story
+        print(f"canary-proxy demo: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_demo(plan)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number greater than 0")
+    return value
 
 
 def _percent(text: str) -> float:

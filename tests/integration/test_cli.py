@@ -73,11 +73,3 @@ def test_config_path_defaults_to_the_environment_variable(
 
 def test_unknown_command_is_a_usage_error() -> None:
     assert cli("frobnicate").returncode == 2
-
-
-def test_demo_shows_the_split_and_exits_0() -> None:
-    result = cli("demo", "--requests", "400", timeout=90)
-    assert result.returncode == 0, result.stderr
-    assert "requests without a user key" in result.stdout
-    assert "0 saw both versions" in result.stdout
-    assert "20/20 to canary" in result.stdout
