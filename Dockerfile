@@ -2,17 +2,24 @@
 # canary-proxy: slim runtime image, non-root, dependencies in their own cached layer.
 
 FROM python:3.11-slim AS build
+# The compiler only lives in this stage: setup.py compiles the data plane's hot modules with
+# mypyc, and the final image gets the built wheel, not the tools.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first: this layer is reused until pyproject.toml changes. Binary wheels only
 # (aiohttp's pure-Python parser is never installed).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 RUN mkdir proxy && touch proxy/__init__.py \
- && pip install --no-cache-dir --only-binary=:all: . \
+ && CANARY_PROXY_COMPILE=0 pip install --no-cache-dir --only-binary=:all: . \
  && pip uninstall -y canary-proxy
 COPY proxy ./proxy
-RUN pip install --no-cache-dir --no-deps .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && pip install --no-cache-dir --no-deps /wheels/*.whl \
+ && python -c "import proxy.server as s; assert s.__file__.endswith('.so'), s.__file__"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/canary-proxy --create-home canary

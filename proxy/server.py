@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import deque
 from time import monotonic
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -632,7 +632,10 @@ class Server:
             backlog=2048,
         )
         self._sweeper = self.loop.create_task(self._sweep_forever())
-        address = self._server.sockets[0].getsockname()
+        # Through Any: uvloop's `sockets` is a list, not typeshed's tuple, and the compiled
+        # module would check the declared type.
+        listener: Any = self._server
+        address = listener.sockets[0].getsockname()
         return str(address[0]), int(address[1])
 
     async def _sweep_forever(self) -> None:

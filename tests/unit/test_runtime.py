@@ -3,31 +3,21 @@ counters), what it retires, and that the runtime it replaces is left as it was."
 
 from __future__ import annotations
 
-from typing import cast
-
-from proxy.config import Config, parse_config
+from proxy.config import Config, Upstream, parse_config
 from proxy.runtime import RuntimeHolder
-from proxy.upstream import UpstreamConnection
+from proxy.upstream import Instance, UpstreamConnection
 
 STABLE_A = "http://127.0.0.1:8001"
 STABLE_B = "http://127.0.0.1:8003"
 CANARY_A = "http://127.0.0.1:8002"
 
 
-class FakeConnection:
-    """Stands in for an UpstreamConnection in an instance's idle pool."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.idle_since = 0.0
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def connection() -> tuple[FakeConnection, UpstreamConnection]:
-    fake = FakeConnection()
-    return fake, cast(UpstreamConnection, fake)
+def connection() -> tuple[UpstreamConnection, UpstreamConnection]:
+    """A connection without a socket for an instance's idle pool; twice, so each test names
+    the view it uses (the pool's entry, and the connection whose `closed` it checks)."""
+    owner = Instance(Upstream(url="http://127.0.0.1:9", host="127.0.0.1", port=9))
+    conn = UpstreamConnection(owner)
+    return conn, conn
 
 
 def route(

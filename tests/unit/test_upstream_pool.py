@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import cast
 
 from proxy.config import Upstream
-from proxy.upstream import Instance, VersionPool
+from proxy.upstream import Instance, UpstreamConnection, VersionPool
 
 
 def three_instances() -> VersionPool:
@@ -52,12 +51,9 @@ def test_idle_connections_are_taken_newest_first_and_closed_ones_skipped() -> No
     pool = three_instances()
     instance = pool.instances[0]
 
-    class FakeConnection:
-        def __init__(self, closed: bool) -> None:
-            self.closed = closed
-
-    old, closed, new = FakeConnection(False), FakeConnection(True), FakeConnection(False)
-    instance.idle = [old, closed, new]  # type: ignore[list-item]
-    assert cast(object, instance.take_idle()) is new
-    assert cast(object, instance.take_idle()) is old  # the closed one in between is dropped
+    old, closed, new = (UpstreamConnection(instance) for _ in range(3))
+    closed.closed = True
+    instance.idle = [old, closed, new]
+    assert instance.take_idle() is new
+    assert instance.take_idle() is old  # the closed one in between is dropped
     assert instance.take_idle() is None
