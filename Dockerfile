@@ -25,9 +25,11 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/canary-proxy --create-home canary
 COPY --from=build /opt/venv /opt/venv
 # The example config, made to listen on every interface and keep state in the user's home.
-# Mount your own at /etc/canary-proxy/proxy.yaml.
-COPY config/proxy.yaml /etc/canary-proxy/proxy.yaml
-RUN sed -i -e 's|^listen: "127.0.0.1:8080"|listen: "0.0.0.0:8080"|' \
+# Mount your own at /etc/canary-proxy/proxy.yaml. The folder belongs to the proxy's user:
+# `PUT /config` writes the new file next to the old one and renames it into place.
+COPY --chown=canary:canary config/proxy.yaml /etc/canary-proxy/proxy.yaml
+RUN chown canary:canary /etc/canary-proxy \
+ && sed -i -e 's|^listen: "127.0.0.1:8080"|listen: "0.0.0.0:8080"|' \
            -e 's|^state_dir: ./state|state_dir: /var/lib/canary-proxy/state|' \
         /etc/canary-proxy/proxy.yaml \
  && grep -q '^listen: "0.0.0.0:8080"' /etc/canary-proxy/proxy.yaml
