@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml setup.py
 # The data plane's hot modules compiled in place with mypyc (the list is in setup.py); tests
 # and benchmarks run what a wheel ships. Needs a C compiler (.ci/run installs gcc).
 COMPILED := $(VENV)/.compiled
+# flock: two builds at once in one checkout would write the same files under build/.
 $(COMPILED): $(STAMP) setup.py $(wildcard proxy/*.py)
-	$(BIN)/python setup.py --quiet build_ext --inplace
+	flock build.lock $(BIN)/python setup.py --quiet build_ext --inplace
 	@# mypyc regenerates the C from the sources; an extension it did not rebuild is current.
 	touch proxy/*.so $(COMPILED)
 
