@@ -1,4 +1,4 @@
-"""The `canary-proxy` command: run, check, demo.
+"""The `canary-proxy` command: run, check, demo, and the admin client (status, reload, verbs).
 
 Exit codes: 0 success, 2 invalid config or usage, 1 runtime failure. Errors are one line each,
 never a traceback, unless `--debug`.
@@ -93,6 +93,7 @@ def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     status = client("status", "show routes: state, weight, step, revision, window")
     status.add_argument("route", nargs="?", help="one route")
+    client("reload", "make the running proxy re-read its config file (POST /reload)")
     for verb, help_text in ADMIN_VERBS.items():
         sub = client(verb, help_text)
         sub.add_argument("route")
@@ -138,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args.config or _default_config_path())
     if args.command == "demo":
         return _demo(args)
-    if args.command == "status" or args.command in ADMIN_VERBS or args.command == "set-weight":
+    if args.command in ("status", "reload", "set-weight") or args.command in ADMIN_VERBS:
         return _admin(args)
     raise AssertionError(args.command)  # argparse only lets known commands through
 
@@ -175,10 +176,13 @@ def _percent(text: str) -> float:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from proxy.client import AdminError, call, format_status, route_path
+    from proxy.client import AdminError, call, format_reload, format_status, route_path
 
     token = args.token or os.environ.get("CANARY_PROXY_ADMIN_TOKEN")
     try:
+        if args.command == "reload":
+            print(format_reload(call(args.admin, "POST", "/reload", token=token)))
+            return EXIT_OK
         if args.command == "status":
             if args.route:
                 print(format_status([call(args.admin, "GET", route_path(args.route))]))
@@ -190,7 +194,14 @@ def _admin(args: argparse.Namespace) -> int:
         method = "PUT" if args.command == "set-weight" else "POST"
         route = call(args.admin, method, path, token=token, body=body)
     except AdminError as error:
-        print(f"canary-proxy: {error}", file=sys.stderr)
+        if error.problems:  # a refused config: every problem on its own line, as `check` does
+            print(
+                "canary-proxy: the proxy refused its config file and keeps serving the one it had:",
+                file=sys.stderr,
+            )
+            print("\n".join(error.problems), file=sys.stderr)
+        else:
+            print(f"canary-proxy: {error}", file=sys.stderr)
         return EXIT_RUNTIME
     weight = float(str(route.get("weight", 0)))
     print(f"{route.get('name')}: {route.get('state')}, weight {weight:g}%")

@@ -1,4 +1,4 @@
-"""The admin client behind `canary-proxy status|promote|abort|pause|resume|retry|set-weight`.
+"""The admin client behind `canary-proxy status|reload|promote|abort|pause|resume|retry|set-weight`.
 
 Plain blocking HTTP (urllib): one request per command, readable output, one line per error.
 """
@@ -17,7 +17,15 @@ TIMEOUT_SECONDS: Final = 10.0
 
 
 class AdminError(Exception):
-    """The admin API could not be reached, or it refused the call (message is for the user)."""
+    """The admin API could not be reached, or it refused the call (message is for the user).
+
+    A refused config (`400` with `{"errors": [...]}`) also has its problems, one `path: message`
+    line each, in `problems`.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 def call(
@@ -40,7 +48,8 @@ def call(
             return _document(response.read())
     except urllib.error.HTTPError as error:
         document = _document(error.read())
-        raise AdminError(f"{error.code}: {_message(document) or error.reason}") from None
+        message = f"{error.code}: {_message(document) or error.reason}"
+        raise AdminError(message, _problems(document)) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise AdminError(f"cannot reach the admin API at {admin}: {reason}") from None
@@ -55,13 +64,40 @@ def _document(raw: bytes) -> dict[str, object]:
 
 
 def _message(document: Mapping[str, object]) -> str:
-    errors = document.get("errors")
-    if isinstance(errors, list):
-        return "; ".join(
-            f"{e.get('path')}: {e.get('message')}" for e in errors if isinstance(e, dict)
-        )
+    problems = _problems(document)
+    if problems:
+        return "; ".join(problems)
     error = document.get("error")
     return str(error) if error is not None else ""
+
+
+def _problems(document: Mapping[str, object]) -> list[str]:
+    """The config problems of a `{"errors": [{"path", "message"}]}` answer, as `check` prints
+    them: `path: message`, or the message alone for one about the whole file."""
+    errors = document.get("errors")
+    if not isinstance(errors, list):
+        return []
+    problems = []
+    for error in errors:
+        if isinstance(error, dict):
+            path, message = error.get("path"), error.get("message")
+            problems.append(f"{path}: {message}" if path else str(message))
+    return problems
+
+
+def format_reload(document: Mapping[str, object]) -> str:
+    """What a successful `POST /reload` changed, in one line."""
+    parts = []
+    routes = document.get("routes")
+    for change in ("added", "removed", "changed"):
+        names = routes.get(change) if isinstance(routes, dict) else None
+        if isinstance(names, list) and names:
+            parts.append(f"routes {change}: {', '.join(str(name) for name in names)}")
+    settings = document.get("settings")
+    if isinstance(settings, list) and settings:
+        parts.append(f"settings changed: {', '.join(str(name) for name in settings)}")
+    summary = "; ".join(parts) or "nothing changed"
+    return f"reloaded, generation {document.get('generation')}: {summary}"
 
 
 def route_path(route: str, verb: str = "") -> str:

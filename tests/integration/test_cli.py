@@ -1,15 +1,30 @@
-"""The `canary-proxy` command as a user runs it: check, run with a bad config, demo."""
+"""The `canary-proxy` command as a user runs it: check, run with a bad config, reload."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Final
 
+import aiohttp
 import pytest
+from fakes import HOST, FakeUpstream, unused_port
+from proxy_process import (
+    TOKEN_ENV,
+    ProxyProcess,
+    open_session,
+    run_cli,
+    running_proxy,
+    scrape,
+    value_of,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "proxy.yaml"
+TOKEN: Final = "cli-reload-token"
 
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -73,3 +88,91 @@ def test_config_path_defaults_to_the_environment_variable(
 
 def test_unknown_command_is_a_usage_error() -> None:
     assert cli("frobnicate").returncode == 2
+
+
+# -- canary-proxy reload, against a real proxy ---------------------------------------------------
+
+
+def shop_config(tmp_path: Path, stable: str, canary: str, weight: object) -> dict[str, object]:
+    return {
+        "listen": f"{HOST}:0",
+        "admin": {"listen": f"{HOST}:0", "token_env": TOKEN_ENV},
+        "state_dir": str(tmp_path / "state"),
+        "timeouts": {"shutdown": "1s"},
+        "routes": [
+            {
+                "name": "shop",
+                "stable": {"upstreams": [stable]},
+                "canary": {"upstreams": [canary], "revision": "v2"},
+                "split": {"weight": weight},
+            }
+        ],
+    }
+
+
+async def versions(session: aiohttp.ClientSession, proxy: ProxyProcess) -> set[str]:
+    seen = set()
+    for n in range(10):
+        async with session.get(f"{proxy.url}/{n}") as response:
+            assert response.status == 200
+            seen.add(response.headers["X-Version"])
+    return seen
+
+
+async def reload_cli(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    """`canary-proxy reload ARGS` with the admin token, if any, in its environment variable."""
+    env = {k: v for k, v in os.environ.items() if k != "CANARY_PROXY_ADMIN_TOKEN"}
+    if token is not None:
+        env["CANARY_PROXY_ADMIN_TOKEN"] = token
+    return await run_cli("reload", *args, env=env)
+
+
+async def test_reload_applies_the_config_file_and_refuses_an_invalid_one_with_its_paths(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, shop_config(tmp_path, stable.url, canary.url, 0))
+    async with open_session() as session, running_proxy(path, token=TOKEN) as proxy:
+        admin = ("--admin", proxy.admin_url)
+        assert await versions(session, proxy) == {"stable"}
+
+        write_config(tmp_path, shop_config(tmp_path, stable.url, canary.url, 100))
+        code, out, err = await reload_cli(*admin, "--token", TOKEN)
+        assert (code, err) == (0, "")
+        assert out == "reloaded, generation 2: routes changed: shop\n"
+        assert await versions(session, proxy) == {"canary"}
+
+        # Two problems at once: each on its own line with its field path, and nothing applied.
+        bad = shop_config(tmp_path, stable.url, canary.url, 120)
+        bad["timeouts"] = {"connect": "fast"}
+        write_config(tmp_path, bad)
+        code, out, err = await reload_cli(*admin, token=TOKEN)  # token from the environment
+        assert (code, out) == (1, "")
+        assert "Traceback" not in err
+        lines = err.splitlines()
+        assert lines[0] == (
+            "canary-proxy: the proxy refused its config file and keeps serving the one it had:"
+        )
+        assert sorted(line.split(":")[0] for line in lines[1:]) == [
+            "routes[0].split.weight",
+            "timeouts.connect",
+        ], err
+        assert await versions(session, proxy) == {"canary"}  # still the config it had
+        samples = await scrape(session, proxy.admin_url)
+        assert value_of(samples, "canary_proxy_config_last_reload_successful") == 0
+        assert value_of(samples, "canary_proxy_config_reloads_total", result="failure") == 1
+
+        code, out, err = await reload_cli(*admin, "--token", "wrong")
+        assert (code, out) == (1, "")
+        assert err.startswith("canary-proxy: 401: "), err
+        assert len(err.splitlines()) == 1, err
+
+        write_config(tmp_path, shop_config(tmp_path, stable.url, canary.url, 100))
+        code, out, err = await reload_cli(*admin, "--token", TOKEN)
+        assert (code, out, err) == (0, "reloaded, generation 3: nothing changed\n", "")
+        samples = await scrape(session, proxy.admin_url)
+        assert value_of(samples, "canary_proxy_config_last_reload_successful") == 1
+
+    code, out, err = await reload_cli("--admin", f"http://{HOST}:{unused_port()}", token=TOKEN)
+    assert (code, out) == (1, "")
+    assert "cannot reach the admin API" in err
+    assert len(err.splitlines()) == 1, err
