@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 from proxy import rollout
 from proxy.config import Guard, Route
 from proxy.guard import Assessment, assess
-from proxy.metrics import Recorder, VersionStats
+from proxy.metrics import Recorder, RollbackReason, VersionStats
 from proxy.rollout import RolloutState, Transition
 from proxy.store import StateStore
 from proxy.window import SlidingWindow, WindowCounts
@@ -188,6 +188,8 @@ class Controller:
             if transition is not None:
                 self._note_revisions(plan.route.name, transition, state)
                 transitions.append(transition)
+        # Their rollback and breach counters are exported from 0 (a deleted route's go away).
+        self.recorder.set_canary_routes([p.route.name for p in plans if p.route.canary is not None])
         # Best effort: the config is in already; a failed write is retried on every tick.
         self._write(transitions, {})
 
@@ -374,8 +376,9 @@ def _restarts(transition: Transition) -> bool:
     return transition.action in ("start", "new_revision", "retry")
 
 
-def _rollback_reason(transition: Transition) -> str:
-    """A bounded label for `canary_proxy_rollbacks_total{reason}`."""
+def _rollback_reason(transition: Transition) -> RollbackReason:
+    """A bounded label for `canary_proxy_rollbacks_total{reason}`: one of ROLLBACK_REASONS,
+    which the exposition initialises to 0 for every route with a canary."""
     if transition.actor == "admin":
         return "admin"
     text = transition.reason

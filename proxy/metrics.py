@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -25,6 +25,17 @@ from prometheus_client.registry import Collector
 
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol")
 ROLLOUT_STATES: Final = ("steady", "progressing", "paused", "promoted", "aborted")
+# `canary_proxy_rollbacks_total{reason}`: the guard's limit that was breached, or an admin's
+# abort (proxy/controller.py derives it from the transition).
+RollbackReason = Literal["error_rate", "error_rate_increase", "latency", "admin"]
+ROLLBACK_REASONS: Final[tuple[RollbackReason, ...]] = (
+    "error_rate",
+    "error_rate_increase",
+    "latency",
+    "admin",
+)
+# `canary_proxy_guard_breaches_total{action}`: the guard's configured action.
+GUARD_ACTIONS: Final = ("rollback", "observe")
 
 # Edge-proxy latencies: sub-millisecond cache hits up to minute-long streams (seconds).
 DURATION_BUCKETS: Final = (
@@ -82,6 +93,8 @@ class Recorder:
         self.last_reload_successful = True
         self.rollbacks: dict[tuple[str, str], int] = {}
         self.breaches: dict[tuple[str, str], int] = {}
+        # Live routes with a canary: their rollback and breach counters are exported from 0.
+        self.canary_routes: frozenset[str] = frozenset()
 
     def stats_for(self, route: str, version: str) -> VersionStats:
         stats = self._stats.get((route, version))
@@ -95,6 +108,16 @@ class Recorder:
         self._stats = {key: s for key, s in self._stats.items() if key[0] in keep}
         self.rollbacks = {key: n for key, n in self.rollbacks.items() if key[0] in keep}
         self.breaches = {key: n for key, n in self.breaches.items() if key[0] in keep}
+        self.canary_routes = self.canary_routes & keep
+
+    def set_canary_routes(self, names: Iterable[str]) -> None:
+        """The live routes that have a canary (the controller's, at every config swap).
+
+        Each gets every `reason` of `canary_proxy_rollbacks_total` and every `action` of
+        `canary_proxy_guard_breaches_total` exported from 0, so that rate() and increase() see
+        the first rollback or breach too (a series born at 1 looks like no increase).
+        """
+        self.canary_routes = frozenset(names)
 
     def record_rejected(self, status: int) -> None:
         self._rejected[status] = self._rejected.get(status, 0) + 1
@@ -107,7 +130,7 @@ class Recorder:
         self.reloads["failure"] += 1
         self.last_reload_successful = False
 
-    def rolled_back(self, route: str, reason: str) -> None:
+    def rolled_back(self, route: str, reason: RollbackReason) -> None:
         self.rollbacks[(route, reason)] = self.rollbacks.get((route, reason), 0) + 1
 
     def guard_breached(self, route: str, action: str) -> None:
@@ -140,6 +163,15 @@ class Recorder:
     @property
     def rejected(self) -> Counter[int]:
         return Counter(self._rejected)
+
+    def rollback_series(self) -> list[tuple[tuple[str, str], int]]:
+        """Every (route, reason) to export, sorted: those counted, and 0 for the rest of each
+        canary route's reasons."""
+        return _with_zeros(self.rollbacks, self.canary_routes, ROLLBACK_REASONS)
+
+    def breach_series(self) -> list[tuple[tuple[str, str], int]]:
+        """Every (route, action) to export, sorted, like `rollback_series`."""
+        return _with_zeros(self.breaches, self.canary_routes, GUARD_ACTIONS)
 
     def series(self) -> Iterator[tuple[str, str, VersionStats]]:
         for (route, version), stats in sorted(self._stats.items()):
@@ -181,16 +213,17 @@ class ProxyCollector(Collector):
             "Automatic and manual rollbacks of a route's canary.",
             labels=["route", "reason"],
         )
-        for (route, reason), n in sorted(recorder.rollbacks.items()):
+        for (route, reason), n in recorder.rollback_series():
             rollbacks.add_metric([route, reason], n)
         yield rollbacks
         breaches = CounterMetricFamily(
             "canary_proxy_guard_breaches",
-            "Guard breaches: acted on (action=rollback) or only recorded (action=observe, "
-            "once per ramp step).",
+            "Guard breaches: acted on (action=rollback) or only recorded (action=observe: "
+            "counted when first seen in a ramp step, then again once per guard window while "
+            "the canary stays breached).",
             labels=["route", "action"],
         )
-        for (route, action), n in sorted(recorder.breaches.items()):
+        for (route, action), n in recorder.breach_series():
             breaches.add_metric([route, action], n)
         yield breaches
         yield from self._reloads(recorder)
@@ -276,6 +309,14 @@ class ProxyCollector(Collector):
         )
         last.add_metric([], 1.0 if recorder.last_reload_successful else 0.0)
         yield last
+
+
+def _with_zeros(
+    counts: dict[tuple[str, str], int], routes: frozenset[str], values: tuple[str, ...]
+) -> list[tuple[tuple[str, str], int]]:
+    series = {(route, value): 0 for route in routes for value in values}
+    series.update(counts)
+    return sorted(series.items())
 
 
 def _cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:

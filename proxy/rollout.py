@@ -24,7 +24,9 @@ Action = Literal[
     "advance",  # guard: a healthy interval moved the ramp one step (or to promoted)
     "hold",  # guard: an interval without enough traffic or with a breach; the dwell restarts
     "rollback",  # guard: a breach with action rollback
-    "observe_breach",  # guard: the first breach of a step with action observe
+    # guard: a breach with action observe, counted when first seen in a step and again once
+    # per guard window while it lasts (see on_breach)
+    "observe_breach",
     "promote",
     "abort",
     "pause",
@@ -58,6 +60,7 @@ class RolloutState:
     step_started: float  # when the current step (dwell) began
     step_base_requests: int  # the canary request counter when the step began
     breach_in_step: bool  # the guard (in observe mode) saw a breach during this step
+    breach_counted_at: float | None  # when observe mode last counted a breach (None: never)
     updated: float  # when the state last changed
     # The config's split weight this state last followed: a steady route follows the config
     # only when the config's weight changes, so a reload that changes nothing keeps PUT weight.
@@ -88,6 +91,8 @@ class RolloutState:
             step_started=read("step_started", _time, 0.0),
             step_base_requests=read("step_base_requests", _integer(0, None), 0),
             breach_in_step=read("breach_in_step", _flag, False),
+            # Records written before the field existed lack it: no breach counted yet.
+            breach_counted_at=read("breach_counted_at", _optional(_time), None, required=False),
             updated=read("updated", _time, 0.0),
             config_weight_bp=read("config_weight_bp", _integer(0, BASIS_POINTS), 0),
         )
@@ -136,6 +141,7 @@ def initial(route: Route, now: float, *, canary_requests: int = 0) -> RolloutSta
         step_started=now,
         step_base_requests=canary_requests,
         breach_in_step=False,
+        breach_counted_at=None,
         updated=now,
         config_weight_bp=route.split.weight_bp,
     )
@@ -291,7 +297,14 @@ def tick(
 
 
 def on_breach(route: Route, state: RolloutState, now: float, reason: str) -> Change:
-    """A breach verdict: roll back at once, or (observe) note the first breach of the step.
+    """A breach verdict: roll back at once, or (observe) count it and change nothing else.
+
+    Observe mode counts a breach (one audit event, one `canary_proxy_guard_breaches_total`)
+    the first time the guard sees one in a step (a route without a ramp has one long step),
+    and again each time a guard window has passed since the last one it counted: a canary that
+    keeps failing keeps counting, about once per window, as long as it fails. The verdict is
+    assessed on every canary error, so counting every breach verdict would count failed
+    requests rather than breaches.
 
     A promoted canary is the new stable and an aborted one gets no traffic: both are left alone.
     """
@@ -301,9 +314,9 @@ def on_breach(route: Route, state: RolloutState, now: float, reason: str) -> Cha
         return _abort(
             route, state, now, actor="guard", action="rollback", reason=f"guard: {reason}"
         )
-    if state.breach_in_step:
-        return state, None  # one audit event per step, not one per breached request
-    after = replace(state, breach_in_step=True)
+    if state.breach_in_step and _counted_within(state, now, route.guard.window):
+        return state, None  # counted less than a window ago: the same breach, still going on
+    after = replace(state, breach_in_step=True, breach_counted_at=now)
     return _moved(
         route,
         state,
@@ -313,6 +326,15 @@ def on_breach(route: Route, state: RolloutState, now: float, reason: str) -> Cha
         reason=f"guard (observe): {reason}",
         now=now,
     )
+
+
+def _counted_within(state: RolloutState, now: float, window: float) -> bool:
+    """Whether observe mode counted a breach less than `window` seconds before `now`.
+
+    A count stamped later than `now` (the wall clock went back) does not hold the next one back.
+    """
+    counted = state.breach_counted_at
+    return counted is not None and 0 <= now - counted < window
 
 
 def _hold(
@@ -553,9 +575,12 @@ class _Reader:
         self.data = data
         self.problems: list[str] = []
 
-    def __call__(self, key: str, parse: Callable[[object], T], default: T) -> T:
+    def __call__(
+        self, key: str, parse: Callable[[object], T], default: T, *, required: bool = True
+    ) -> T:
         if key not in self.data:
-            self.problems.append(f"{key} is missing")
+            if required:
+                self.problems.append(f"{key} is missing")
             return default
         try:
             return parse(self.data[key])

@@ -49,6 +49,7 @@ from proxy_process import (
 
 from proxy.bucketing import bucket, in_canary
 from proxy.loader import load_config_file, parse_config_text
+from proxy.metrics import GUARD_ACTIONS, ROLLBACK_REASONS
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CONFIG: Final = ROOT / "config"
@@ -845,13 +846,24 @@ def test_the_unit_tests_fail_for_an_alert_that_can_never_fire(alert: str, tmp_pa
     assert f"alertname: {alert}," in result.stdout + result.stderr
 
 
+OBSERVED: Final = 'canary_proxy_guard_breaches_total{action="observe"}'
+# Breach alerts that look plausible and are wrong; the unit tests must catch each.
+WRONG_BREACH_ALERTS: Final = {
+    # The workaround for counters without zero series: with them it fires on every new route
+    # (at 0), and on counts made before Prometheus first saw them.
+    "fires on series that are new": (
+        f"increase({OBSERVED}[15m]) > 0 or ({OBSERVED} unless {OBSERVED} offset 15m)"
+    ),
+    "never resolves": f"{OBSERVED} > 0",
+    "blind to a proxy restart": f"delta({OBSERVED}[15m]) > 0",
+    "fires on breaches acted on": "increase(canary_proxy_guard_breaches_total[15m]) > 0",
+}
+
+
 @NEEDS_PROMTOOL
-def test_the_unit_tests_fail_for_a_breach_alert_blind_to_the_first_breach(
-    tmp_path: Path,
-) -> None:
-    # The breach counter appears at 1 with its first breach: increase() alone never sees it.
-    plain = 'increase(canary_proxy_guard_breaches_total{action="observe"}[15m]) > 0'
-    result = run_rule_tests(mutated_alerts(tmp_path, "CanaryGuardBreachObserved", plain))
+@pytest.mark.parametrize("expr", WRONG_BREACH_ALERTS.values(), ids=WRONG_BREACH_ALERTS.keys())
+def test_the_unit_tests_fail_for_a_wrong_breach_alert(expr: str, tmp_path: Path) -> None:
+    result = run_rule_tests(mutated_alerts(tmp_path, "CanaryGuardBreachObserved", expr))
     assert result.returncode != 0, result.stdout
     assert "alertname: CanaryGuardBreachObserved," in result.stdout + result.stderr
 
@@ -883,36 +895,41 @@ def exercised_config(tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream)
 async def exercised_proxy(
     tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream, session: aiohttp.ClientSession
 ) -> AsyncIterator[ProxyProcess]:
-    """A real proxy on which every metric family has samples: traffic to both versions, canary
-    5xx, a guard breach (observed), an admin abort (a rollback), a request with no route."""
+    """A real proxy on which every metric family has samples (see `exercise`)."""
     async with running_proxy(exercised_config(tmp_path, stable, canary), token=TOKEN) as proxy:
-        for force in ("never", "always"):
-            for n in range(5):
-                async with session.get(
-                    f"{proxy.url}/shop/{n}", headers={"X-Canary": force}
-                ) as response:
-                    assert response.status == 200
-        canary.answer_with(reply(500))
+        await exercise(proxy, canary, session)
+        yield proxy
+
+
+async def exercise(
+    proxy: ProxyProcess, canary: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    """Give every metric family samples: traffic to both versions, canary 5xx, a guard breach
+    (observed), an admin abort (a rollback), a request with no route."""
+    for force in ("never", "always"):
         for n in range(5):
             async with session.get(
-                f"{proxy.url}/shop/{n}", headers={"X-Canary": "always"}
+                f"{proxy.url}/shop/{n}", headers={"X-Canary": force}
             ) as response:
-                assert response.status == 500
-        async with session.get(proxy.url + "/nowhere") as response:
-            assert response.status == 404
+                assert response.status == 200
+    canary.answer_with(reply(500))
+    for n in range(5):
+        async with session.get(f"{proxy.url}/shop/{n}", headers={"X-Canary": "always"}) as response:
+            assert response.status == 500
+    async with session.get(proxy.url + "/nowhere") as response:
+        assert response.status == 404
 
-        async def breach_counted() -> bool:
-            samples = await scrape(session, proxy.admin_url)
-            return values(samples, "canary_proxy_guard_breaches_total", action="observe") == [1]
+    async def breach_counted() -> bool:
+        samples = await scrape(session, proxy.admin_url)
+        return values(samples, "canary_proxy_guard_breaches_total", action="observe") == [1]
 
-        await eventually(breach_counted, within=10.0, every=0.1)
-        async with session.post(
-            proxy.admin_url + "/routes/shop/abort",
-            json={"reason": "examples test"},
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as response:
-            assert response.status == 200, await response.text()
-        yield proxy
+    await eventually(breach_counted, within=10.0, every=0.1)
+    async with session.post(
+        proxy.admin_url + "/routes/shop/abort",
+        json={"reason": "examples test"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as response:
+        assert response.status == 200, await response.text()
 
 
 async def test_every_metric_label_and_value_the_dashboard_and_alerts_use_is_exposed(
@@ -1026,9 +1043,24 @@ async def test_a_real_prometheus_answers_every_dashboard_query_and_fires_the_ale
     firing: set[tuple[str, str]] = set()
     async with (
         open_session() as session,
-        exercised_proxy(tmp_path, stable, canary, session) as proxy,
+        running_proxy(exercised_config(tmp_path, stable, canary), token=TOKEN) as proxy,
         running_prometheus(f"{HOST}:{proxy.admin_port}", tmp_path, session) as prometheus,
     ):
+
+        async def zeros_scraped() -> bool:
+            # As in production, Prometheus scrapes the route's counters before anything
+            # happens: at 0, so that increase() sees the first breach.
+            found = []
+            for name in ("canary_proxy_guard_breaches_total", "canary_proxy_rollbacks_total"):
+                result = await api(session, prometheus.url + "/api/v1/query", query=name)
+                found += [series["value"][1] for series in result["result"]]
+            return found == ["0"] * (len(GUARD_ACTIONS) + len(ROLLBACK_REASONS))
+
+        try:
+            await eventually(zeros_scraped, within=20.0, every=0.2)
+        except TimeoutError:
+            pytest.fail(f"no zero series scraped\nprometheus log:\n{prometheus.log()}")
+        await exercise(proxy, canary, session)
 
         async def all_answered() -> bool:
             for target in targets(document):

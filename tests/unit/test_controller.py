@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from time import monotonic
+from typing import Final
 
 import pytest
 
 from proxy.config import Config, parse_config
 from proxy.controller import PersistError
+from proxy.metrics import ROLLBACK_REASONS
 from proxy.runtime import RouteRuntime, RuntimeHolder
 from proxy.store import StateStore
 
@@ -108,6 +110,76 @@ def test_observe_mode_records_the_breach_once_and_never_changes_the_weight() -> 
     assert not route.state.aborted
     assert holder.outcomes.breaches == {("shop", "observe"): 1}
     assert [e["action"] for e in holder.controller.events].count("observe_breach") == 1
+
+
+def test_observe_mode_counts_a_canary_that_keeps_failing_again_each_guard_window() -> None:
+    clock = Clock()
+    guard = {"window": "10s", "min_requests": 20, "max_error_rate": 0.05, "action": "observe"}
+    holder = RuntimeHolder(config(guard=guard), wall=clock)  # a route without a ramp
+    route = holder.current.routes["shop"]
+    feed(route, holder, ok=20, errors=30)
+    assert holder.outcomes.breaches == {("shop", "observe"): 1}
+    clock.now += 9.5
+    feed(route, holder, ok=0, errors=5)  # the same breach, still going on
+    holder.controller.tick(holder.canary_stats)
+    assert holder.outcomes.breaches == {("shop", "observe"): 1}
+    clock.now += 0.5  # a guard window after the first count, and still breached
+    holder.controller.tick(holder.canary_stats)
+    assert holder.outcomes.breaches == {("shop", "observe"): 2}
+    clock.now += 10
+    feed(route, holder, ok=0, errors=1)
+    assert holder.outcomes.breaches == {("shop", "observe"): 3}
+    assert [e["action"] for e in holder.controller.events].count("observe_breach") == 3
+    assert (route.state.weight_bp, route.state.rollout.state) == (1000, "steady")
+
+
+GUARD: Final = {"window": "10s", "min_requests": 20}
+
+
+def record_stable(route: RouteRuntime, requests: int) -> None:
+    window = route.state.stable_window
+    assert window is not None
+    for _ in range(requests):
+        window.record(monotonic(), error=False, latency=0.01)
+
+
+def slow_canary(route: RouteRuntime, requests: int) -> None:
+    window = route.state.canary_window
+    assert window is not None
+    for _ in range(requests):
+        window.record(monotonic(), error=False, latency=2.0)
+
+
+@pytest.mark.parametrize(
+    ("reason", "guard"),
+    [
+        ("error_rate", {**GUARD, "max_error_rate": 0.05}),
+        ("error_rate_increase", {**GUARD, "max_error_rate": 0.5, "max_error_rate_increase": 0.02}),
+        ("latency", {**GUARD, "max_p99_latency": "500ms"}),
+        ("admin", GUARD),
+    ],
+)
+def test_every_rollback_is_counted_under_a_reason_exported_from_0(
+    reason: str, guard: dict[str, object]
+) -> None:
+    holder = RuntimeHolder(config(guard=guard))
+    route = holder.current.routes["shop"]
+    if reason == "error_rate":
+        feed(route, holder, ok=20, errors=5)
+    elif reason == "error_rate_increase":
+        record_stable(route, 1000)
+        feed(route, holder, ok=70, errors=30)  # 0.3: under 0.5, far above stable's 0
+    elif reason == "latency":
+        slow_canary(route, 30)
+        holder.controller.tick(holder.canary_stats)  # latency breaches show on the tick
+    else:
+        holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="bad")
+    assert route.state.aborted
+    assert holder.outcomes.rollbacks == {("shop", reason): 1}
+    assert reason in ROLLBACK_REASONS
+    assert [key for key, _ in holder.outcomes.rollback_series()] == [
+        ("shop", name) for name in sorted(ROLLBACK_REASONS)
+    ]
 
 
 def test_retry_starts_with_empty_windows_so_old_errors_do_not_trip_it_again() -> None:

@@ -7,7 +7,7 @@ import math
 import shutil
 import subprocess
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, get_args
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,9 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import Config, parse_config
 from proxy.metrics import (
     DURATION_BUCKETS,
+    GUARD_ACTIONS,
+    ROLLBACK_REASONS,
     ROLLOUT_STATES,
     ProxyCollector,
     Recorder,
+    RollbackReason,
     RouteView,
     VersionStats,
     build_registry,
@@ -36,6 +39,7 @@ CONTRACT: Final = {
     "canary_proxy_canary_weight_ratio": ("gauge", {"route"}),
     "canary_proxy_rollout_state": ("gauge", {"route", "state"}),
     "canary_proxy_rollbacks": ("counter", {"route", "reason"}),
+    "canary_proxy_guard_breaches": ("counter", {"route", "action"}),
     "canary_proxy_config_reloads": ("counter", {"result"}),
     "canary_proxy_config_last_reload_successful": ("gauge", set()),
     "canary_proxy_client_connections": ("gauge", set()),
@@ -55,6 +59,14 @@ def route(name: str, weight: float = 0, **extra: object) -> dict[str, object]:
         "canary": {"upstreams": ["http://127.0.0.1:8002"], "revision": "v2"},
         "split": {"weight": weight},
         **extra,
+    }
+
+
+def no_canary(name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "match": {"path_prefix": f"/{name}"},
+        "stable": {"upstreams": ["http://127.0.0.1:8001"]},
     }
 
 
@@ -99,6 +111,7 @@ def busy_recorder() -> Recorder:
     stable.upstream_error("timeout")
     recorder.record_rejected(400)
     recorder.rolled_back("shop", "error_rate")
+    recorder.set_canary_routes(["shop", "blog"])
     recorder.reload_succeeded()
     recorder.reload_failed()
     return recorder
@@ -418,6 +431,76 @@ def test_a_route_added_by_a_reload_is_exposed_at_once_with_zeroed_series() -> No
     for version in ("stable", "canary"):
         count = "canary_proxy_request_duration_seconds_count"
         assert value(text, count, route="blog", version=version) == 0
+
+
+# -- zero series of the rollback and breach counters ---------------------------------------------
+
+ROLLBACKS: Final = "canary_proxy_rollbacks_total"
+BREACHES: Final = "canary_proxy_guard_breaches_total"
+
+
+def counted(text: str, name: str, route: str, label: str) -> dict[str, float]:
+    """The `name` samples of `route`, by their other label."""
+    return {
+        dict(labels)[label]: n
+        for (sample, labels), n in samples(text).items()
+        if sample == name and ("route", route) in labels
+    }
+
+
+def test_the_reasons_are_the_rollback_reason_type() -> None:
+    assert set(ROLLBACK_REASONS) == set(get_args(RollbackReason))
+    assert len(ROLLBACK_REASONS) == len(set(ROLLBACK_REASONS))
+    assert GUARD_ACTIONS == ("rollback", "observe")
+
+
+def test_a_route_with_a_canary_exports_every_rollback_reason_and_breach_action_from_0() -> None:
+    # Prometheus' rate() and increase() cannot see the first event of a series born at 1.
+    holder = RuntimeHolder(config(route("shop", 10), no_canary("blog")))
+    text = holder_exposition(holder)
+    assert counted(text, ROLLBACKS, "shop", "reason") == dict.fromkeys(ROLLBACK_REASONS, 0)
+    assert counted(text, BREACHES, "shop", "action") == dict.fromkeys(GUARD_ACTIONS, 0)
+    # A route without a canary has nothing to roll back.
+    assert counted(text, ROLLBACKS, "blog", "reason") == {}
+    assert counted(text, BREACHES, "blog", "action") == {}
+
+
+def test_a_rollback_counts_up_from_the_zero_series_and_the_other_reasons_stay_at_0() -> None:
+    holder = RuntimeHolder(config(route("shop", 10)))
+    holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="bad")
+    holder.outcomes.guard_breached("shop", "observe")
+    text = holder_exposition(holder)
+    expected = dict.fromkeys(ROLLBACK_REASONS, 0.0) | {"admin": 1.0}
+    assert counted(text, ROLLBACKS, "shop", "reason") == expected
+    assert counted(text, BREACHES, "shop", "action") == {"rollback": 0, "observe": 1}
+
+
+def test_the_zero_series_follow_the_routes_that_have_a_canary_across_reloads() -> None:
+    holder = RuntimeHolder(config(route("shop", 10)))
+    holder.swap(config(route("shop", 10), route("blog", 5)))  # added: from 0 at once
+    assert counted(holder_exposition(holder), ROLLBACKS, "blog", "reason") == dict.fromkeys(
+        ROLLBACK_REASONS, 0
+    )
+    holder.outcomes.rolled_back("shop", "latency")
+    holder.swap(config(no_canary("shop"), route("blog", 5)))  # shop lost its canary
+    text = holder_exposition(holder)
+    assert counted(text, ROLLBACKS, "shop", "reason") == {"latency": 1}  # what it counted stays
+    assert counted(text, BREACHES, "shop", "action") == {}
+    holder.swap(config(no_canary("shop")))  # blog deleted: its series go
+    text = holder_exposition(holder)
+    assert counted(text, ROLLBACKS, "blog", "reason") == {}
+    assert counted(text, BREACHES, "blog", "action") == {}
+
+
+def test_keeping_some_routes_forgets_the_zero_series_of_the_others() -> None:
+    recorder = Recorder()
+    recorder.set_canary_routes(["shop", "blog"])
+    recorder.keep_routes(["shop"])
+    assert recorder.canary_routes == {"shop"}
+    assert [key for key, _ in recorder.rollback_series()] == [
+        ("shop", reason) for reason in sorted(ROLLBACK_REASONS)
+    ]
+    assert recorder.breach_series() == [(("shop", "observe"), 0), (("shop", "rollback"), 0)]
 
 
 # -- promtool ----------------------------------------------------------------------------------

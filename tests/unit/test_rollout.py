@@ -27,6 +27,7 @@ from proxy.rollout import (
     pause,
     promote,
     reconcile,
+    refuse_aborted_revision,
     restore,
     resume,
     retry,
@@ -338,17 +339,66 @@ def test_a_breach_on_a_route_without_a_guard_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("name", ["steady", "progressing", "paused"])
-def test_observe_mode_never_changes_the_weight_and_audits_only_the_first_breach_of_a_step(
+def test_observe_mode_never_changes_the_weight_and_counts_a_breach_once_per_guard_window(
     name: str,
 ) -> None:
-    route = replace(RAMP_ROUTE, guard=Guard(action="observe"))
+    route = replace(RAMP_ROUTE, guard=Guard(action="observe", window=10.0))
     state = _live_states()[name]
     after, transition = changed(on_breach(route, state, T0 + 1, "error rate 0.2 > 0.05"))
     assert (after.state, after.weight_bp, after.breach_in_step) == (name, state.weight_bp, True)
+    assert after.breach_counted_at == T0 + 1
     assert (transition.action, transition.actor) == ("observe_breach", "guard")
     assert transition.weight_before_bp == transition.weight_after_bp == state.weight_bp
     assert transition.reason == "guard (observe): error rate 0.2 > 0.05"
+    # The verdict is assessed on every canary error: within the window it is the same breach.
     assert on_breach(route, after, T0 + 2, "error rate 0.3 > 0.05") == (after, None)
+    assert on_breach(route, after, T0 + 11 - EPSILON, "error rate 0.3 > 0.05") == (after, None)
+    # A window later it still breaches: that is counted again, and the weight still stays.
+    again, transition = changed(on_breach(route, after, T0 + 11, "error rate 0.3 > 0.05"))
+    assert (again.state, again.weight_bp, again.breach_counted_at) == (
+        name,
+        state.weight_bp,
+        T0 + 11,
+    )
+    assert (transition.action, transition.reason) == (
+        "observe_breach",
+        "guard (observe): error rate 0.3 > 0.05",
+    )
+    assert on_breach(route, again, T0 + 12, "error rate 0.3 > 0.05") == (again, None)
+
+
+def test_a_canary_that_keeps_failing_in_observe_mode_keeps_being_counted_without_a_ramp() -> None:
+    # A static route never restarts its dwell, so "once per step" would mean once for good:
+    # ten minutes of a failing canary must not look like one blip.
+    route = make_route(steps=None, weight_bp=1000, guard="observe")
+    assert route.guard is not None
+    state = start(route)
+    counted = []
+    for tenth in range(10 * 60 * 4):  # a breach verdict every 250 ms (the tick) for 10 minutes
+        now = T0 + tenth * 0.25
+        state, transition = on_breach(route, state, now, "error rate 0.5 > 0.05")
+        if transition is not None:
+            counted.append(now - T0)
+    assert counted == [n * route.guard.window for n in range(60)]
+    assert (state.state, state.weight_bp) == ("steady", 1000)
+
+
+def test_observe_mode_counts_the_first_breach_of_each_step_even_within_a_window() -> None:
+    route = make_route(guard="observe")
+    clock = Clock()
+    state, _ = changed(on_breach(route, start(route, clock), clock.now, "error rate"))
+    clock.advance(INTERVAL, requests=MIN_REQUESTS)
+    held, _ = changed(on_tick(route, state, clock))  # the breach held the step
+    assert not held.breach_in_step
+    after, transition = changed(on_breach(route, held, clock.now + 1, "error rate"))
+    assert (after.breach_in_step, transition.action) == (True, "observe_breach")
+
+
+def test_a_wall_clock_that_went_back_does_not_hold_back_the_next_breach_count() -> None:
+    route = make_route(guard="observe")
+    state, _ = changed(on_breach(route, start(route), T0 + 3600, "error rate"))
+    after, transition = changed(on_breach(route, state, T0, "error rate"))
+    assert (after.breach_counted_at, transition.action) == (T0, "observe_breach")
 
 
 # --- Admin verbs, from each state ----------------------------------------------------------------
@@ -623,6 +673,21 @@ def test_an_abort_survives_reloads_and_restarts_with_the_same_revision() -> None
     assert transition.reason == "restored after a restart: guard: error rate 0.5 > 0.05"
 
 
+def test_a_config_that_brings_back_a_rolled_back_revision_keeps_it_aborted() -> None:
+    state = step_to(RAMP_ROUTE, 2500)
+    after, transition = changed(refuse_aborted_revision(RAMP_ROUTE, state, T0 + 5))
+    assert (after.state, after.weight_bp, after.step) == ("aborted", 0, None)
+    assert (transition.actor, transition.action, transition.before) == (
+        "config",
+        "restore",
+        "progressing",
+    )
+    assert transition.reason == "revision v1 was rolled back before; retry it to send it traffic"
+    unnamed = make_route(revision=None)
+    reason = changed(refuse_aborted_revision(unnamed, start(unnamed), T0))[1].reason
+    assert reason.startswith("revision (unnamed) was rolled back before")
+
+
 @pytest.mark.parametrize("name", STATES)
 def test_a_new_revision_starts_afresh_and_clears_an_abort(name: State) -> None:
     route, state = from_state(name)
@@ -797,6 +862,7 @@ def rollout_states(draw: st.DrawFn) -> RolloutState:
         step_started=draw(times),
         step_base_requests=draw(st.integers(min_value=0, max_value=2**63)),
         breach_in_step=draw(st.booleans()),
+        breach_counted_at=draw(st.none() | times),
         updated=draw(times),
         config_weight_bp=draw(st.integers(min_value=0, max_value=10_000)),
     )
@@ -812,6 +878,16 @@ def test_a_record_may_carry_keys_of_the_shell_and_whole_second_times() -> None:
     loaded = RolloutState.from_dict(record)
     assert (loaded.step_started, loaded.updated) == (1000.0, 1.0)
     assert isinstance(loaded.updated, float)
+
+
+def test_a_record_from_before_breach_counting_loads_as_never_counted() -> None:
+    record = {**start(RAMP_ROUTE).to_dict(), "breach_in_step": True}
+    del record["breach_counted_at"]
+    loaded = RolloutState.from_dict(record)
+    assert (loaded.breach_in_step, loaded.breach_counted_at) == (True, None)
+    # Its breach was counted at some unknown time: the next one is counted.
+    route = make_route(guard="observe")
+    assert on_breach(route, loaded, T0, "error rate")[1] is not None
 
 
 GOOD: Final = start(RAMP_ROUTE).to_dict()
@@ -834,6 +910,7 @@ GOOD: Final = start(RAMP_ROUTE).to_dict()
         ({"updated": False}, "updated must be a finite number of seconds, got False"),
         ({"step_base_requests": -5}, "step_base_requests must be an integer from 0, got -5"),
         ({"breach_in_step": "no"}, "breach_in_step must be true or false, got 'no'"),
+        ({"breach_counted_at": "then"}, "breach_counted_at must be a finite number of seconds"),
         ({"config_weight_bp": None}, "config_weight_bp must be an integer from 0 to 10000"),
         ({"state": "aborted"}, "weight_bp must be 0 when aborted, got 500"),
         ({"state": "promoted"}, "weight_bp must be 10000 when promoted, got 500"),
