@@ -61,6 +61,8 @@ from targets import (
     start_upstream,
 )
 
+from proxy.app import data_plane_build
+
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
 RESULTS: Final = HERE / "results"
@@ -465,6 +467,7 @@ def _machine(tools: dict[str, str]) -> dict[str, object]:
         "python": platform.python_version(),
         "load_average_before": _load_average(),
         "canary_proxy": _canary_proxy_version(),
+        "data_plane": data_plane_build(),
         "tools": {tool: toolchain.version(tool, path) for tool, path in sorted(tools.items())},
     }
 
@@ -516,7 +519,8 @@ def _header(started: datetime, machine: dict[str, object], options: Options) -> 
         [
             f"# canary-proxy benchmark, {started:%Y-%m-%d %H:%M} UTC",
             f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}, {machine['kernel']}",
-            f"canary-proxy {machine['canary_proxy']}, Python {machine['python']}",
+            f"canary-proxy {machine['canary_proxy']}, data plane {machine['data_plane']},"
+            f" Python {machine['python']}",
             "tools: " + "; ".join(str(v) for v in tools.values()),
             f"pinning: wrk and the upstream nginx on core {options.load_cpu}; each proxy under"
             f" test alone on core {options.proxy_cpu} (taskset -c)",
