@@ -75,7 +75,14 @@ class Proxy:
         self.data_address = (host, port)
         self.admin_address = (admin.host, int(runner.addresses[0][1]))
         # Tests and supervisors read these lines to learn the bound ports when they are 0.
-        log.info("canary-proxy listening on %s:%d (%d routes)", host, port, len(self.config.routes))
+        routes = len(self.config.routes)
+        log.info(
+            "canary-proxy listening on %s:%d (%d route%s)",
+            host,
+            port,
+            routes,
+            "" if routes == 1 else "s",
+        )
         log.info("admin API listening on %s:%d", *self.admin_address)
         log.info("data plane: %s", data_plane_build())
 

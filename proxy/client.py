@@ -131,7 +131,10 @@ def format_status(routes: Sequence[Mapping[str, object]]) -> str:
 
 def _step(step: object) -> str:
     if isinstance(step, dict):
-        return f"{step.get('index', 0)}/{step.get('count', 0)}"
+        # The API's index counts from 0; people (and the log, and the events) count from 1.
+        index = step.get("index", 0)
+        position = index + 1 if isinstance(index, int) else index
+        return f"{position}/{step.get('count', 0)}"
     return "-" if step is None else str(step)
 
 
