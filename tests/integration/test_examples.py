@@ -17,7 +17,6 @@ tests that need them skip only where it is missing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import json
@@ -33,12 +32,12 @@ from typing import Any, Final
 import aiohttp
 import pytest
 import yaml
-from fakes import HOST, FakeUpstream, eventually, reply, unused_port
+from fakes import HOST, FakeUpstream, eventually, reply
+from prometheus_server import PROMETHEUS, running_prometheus
 from proxy_process import (
     CANARY_PROXY,
     TOKEN_ENV,
     ProxyProcess,
-    end_process,
     open_session,
     run_cli,
     running_proxy,
@@ -61,7 +60,6 @@ KUBERNETES: Final = CONFIG / "kubernetes.yaml"
 CONFIG_FILES: Final = (CONFIG / "proxy.yaml", *sorted(EXAMPLES.glob("*.yaml")))
 
 PROMTOOL: Final = shutil.which("promtool")
-PROMETHEUS: Final = shutil.which("prometheus")
 NEEDS_PROMTOOL: Final = pytest.mark.skipif(
     PROMTOOL is None,
     reason="promtool (Debian package `prometheus`) is not installed; `.ci/run` installs it, "
@@ -967,65 +965,6 @@ async def test_every_metric_label_and_value_the_dashboard_and_alerts_use_is_expo
     assert problems == []
 
 
-@dataclass(frozen=True, slots=True)
-class Prometheus:
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
-@contextlib.asynccontextmanager
-async def running_prometheus(
-    target: str, tmp_path: Path, session: aiohttp.ClientSession
-) -> AsyncIterator[Prometheus]:
-    """A real Prometheus scraping `target` and evaluating alerts.yaml every second."""
-    assert PROMETHEUS is not None
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(ALERTS)],
-                "scrape_configs": [
-                    {
-                        "job_name": "canary-proxy",
-                        "scrape_timeout": "1s",
-                        "static_configs": [{"targets": [target]}],
-                    }
-                ],
-            }
-        )
-    )
-    address = f"{HOST}:{unused_port()}"
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={address}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-    prometheus = Prometheus(f"http://{address}", log_path)
-
-    async def ready() -> bool:
-        assert process.returncode is None, f"prometheus exited:\n{prometheus.log()}"
-        with contextlib.suppress(aiohttp.ClientConnectionError):
-            async with session.get(prometheus.url + "/-/ready") as response:
-                return response.status == 200
-        return False
-
-    try:
-        await eventually(ready, within=20.0, every=0.1)
-        yield prometheus
-    finally:
-        await end_process(process, grace=10)
-
-
 async def api(session: aiohttp.ClientSession, url: str, **params: str) -> Any:
     async with session.get(url, params=params) as response:
         document = await response.json()
@@ -1044,7 +983,9 @@ async def test_a_real_prometheus_answers_every_dashboard_query_and_fires_the_ale
     async with (
         open_session() as session,
         running_proxy(exercised_config(tmp_path, stable, canary), token=TOKEN) as proxy,
-        running_prometheus(f"{HOST}:{proxy.admin_port}", tmp_path, session) as prometheus,
+        running_prometheus(
+            session, tmp_path, f"{HOST}:{proxy.admin_port}", rule_files=[ALERTS]
+        ) as prometheus,
     ):
 
         async def zeros_scraped() -> bool:

@@ -8,22 +8,18 @@ Needs Debian's `prometheus` package (`.ci/run` installs it); skips only where it
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import shutil
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 import pytest
-from fakes import HOST, FakeUpstream, unused_port
+from fakes import HOST, FakeUpstream
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_process import end_process, open_session, running_proxy, write_config
+from prometheus_server import PROMETHEUS, PrometheusServer, running_prometheus
+from proxy_process import open_session, running_proxy, write_config
 
-PROMETHEUS: Final = shutil.which("prometheus")
 PROMTOOL: Final = shutil.which("promtool")
 STABLE_REQUESTS: Final = 200
 CANARY_REQUESTS: Final = 100
@@ -55,74 +51,6 @@ def shop(stable: FakeUpstream, canary: FakeUpstream) -> dict[str, object]:
         "canary": {"upstreams": [canary.url], "revision": "v2"},
         "split": {"weight": 50, "force": {"header": "X-Canary"}},
     }
-
-
-@dataclass(frozen=True, slots=True)
-class PrometheusServer:
-    url: str
-    log_path: Path
-    process: asyncio.subprocess.Process
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-@contextlib.asynccontextmanager
-async def running_prometheus(
-    scrape_target: str, tmp_path: Path, session: aiohttp.ClientSession
-) -> AsyncIterator[PrometheusServer]:
-    """A real Prometheus scraping `scrape_target` every second; always stopped on the way out."""
-    assert PROMETHEUS is not None
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "canary-proxy",
-                        "scrape_interval": "1s",
-                        "scrape_timeout": "1s",
-                        "metrics_path": "/metrics",
-                        "static_configs": [{"targets": [scrape_target]}],
-                    }
-                ],
-            }
-        )
-    )
-    address = f"{HOST}:{unused_port()}"
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={address}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
-    server = PrometheusServer(url=f"http://{address}", log_path=log_path, process=process)
-    try:
-        await _until_ready(server, session)
-        yield server
-    finally:
-        await end_process(process, grace=10)
-
-
-async def _until_ready(server: PrometheusServer, session: aiohttp.ClientSession) -> None:
-    """Poll `/-/ready` (at most 20 s); fail at once, with its log, if Prometheus exits."""
-    try:
-        async with asyncio.timeout(20):
-            while True:
-                assert server.process.returncode is None, f"prometheus exited:\n{server.log()}"
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(server.url + "/-/ready") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        pytest.fail(f"prometheus did not become ready within 20 s:\n{server.log()}")
 
 
 async def query(
@@ -176,7 +104,7 @@ async def test_prometheus_scrapes_the_admin_endpoint_and_reports_the_requests_se
         assert set(canary_tags) == {"canary"}
         assert (len(stable.received), len(canary.received)) == (STABLE_REQUESTS, CANARY_REQUESTS)
 
-        async with running_prometheus(f"{HOST}:{proxy.admin_port}", tmp_path, session) as prom:
+        async with running_prometheus(session, tmp_path, f"{HOST}:{proxy.admin_port}") as prom:
             seen: dict[tuple[str, str, str], float] = {}
             try:
                 async with asyncio.timeout(30):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from configs import minimal, with_canary
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,19 +37,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "proxy.yaml"
 BASE_DIR = "/etc/canary-proxy"
 
 Problems = list[tuple[str, str]]
-
-
-def minimal() -> dict[str, Any]:
-    """The smallest valid config: one route with one stable upstream."""
-    return {"routes": [{"name": "shop", "stable": {"upstreams": ["http://10.0.0.1:8000"]}}]}
-
-
-def with_canary(**route: Any) -> dict[str, Any]:
-    """A valid config whose route has a canary, plus the given route fields."""
-    data = minimal()
-    data["routes"][0]["canary"] = {"upstreams": ["http://10.0.1.1:8000"], "revision": "v2"}
-    data["routes"][0].update(route)
-    return data
 
 
 def parse(data: object) -> Config:

@@ -11,6 +11,7 @@ from typing import Any, Final, TypeAlias, get_args
 
 import pytest
 import yaml
+from configs import minimal, with_canary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -130,17 +131,6 @@ def full() -> dict[str, Any]:
             }
         ],
     }
-
-
-def minimal() -> dict[str, Any]:
-    return {"routes": [{"name": "shop", "stable": {"upstreams": ["http://10.0.0.1:8000"]}}]}
-
-
-def with_canary(**route: Any) -> dict[str, Any]:
-    data = minimal()
-    data["routes"][0]["canary"] = {"upstreams": ["http://10.0.1.1:8000"], "revision": "v2"}
-    data["routes"][0].update(route)
-    return data
 
 
 # The parser's rules across fields: a value written at the key needs the rival gone first.
