@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -127,8 +128,34 @@ def data_plane_build() -> str:
     return "interpreted (compile it for about 1.5x the throughput: see setup.py)"
 
 
+# File descriptors besides the client connections: listeners, admin, state files, logs.
+SPARE_FILES = 64
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Use the hard open-file limit (nginx `worker_rlimit_nofile`, HAProxy does it by itself):
+    every client connection is a descriptor, and usually one upstream connection more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    needed = 2 * max_connections + SPARE_FILES
+    if needed > soft:
+        log.warning(
+            "limits.max_connections = %d needs up to %d open files, but the limit is %d: "
+            "past it new connections fail to be accepted; raise the limit (ulimit -n) or "
+            "lower max_connections",
+            max_connections,
+            needed,
+            soft,
+        )
+
+
 async def serve(config: Config, *, config_path: str | None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    raise_open_file_limit(config.limits.max_connections)
     proxy = Proxy(config, config_path=config_path)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

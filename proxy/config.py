@@ -131,6 +131,7 @@ class Limits:
     max_header_bytes: int = 65_536
     max_url_bytes: int = 8_192
     max_body_bytes: int = 0  # 0 = unlimited (streamed)
+    max_connections: int = 10_000  # open client connections; past it a new one gets 503
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,6 +307,14 @@ _LIMITS_SECTION: Final = SectionSpec(
             minimum=0,
             default=_LIMITS.max_body_bytes,
             description="Larger bodies get 413; 0 = unlimited (streamed).",
+        ),
+        FieldSpec(
+            name="max_connections",
+            kind="integer",
+            minimum=1,
+            default=_LIMITS.max_connections,
+            description="Open client connections (nginx worker_connections, HAProxy maxconn); "
+            "past it a new connection is answered 503 and closed.",
         ),
     ),
 )
@@ -492,7 +501,9 @@ CONFIG_SECTION: Final = SectionSpec(
             " file's folder.",
         ),
         FieldSpec(name="timeouts", kind=_TIMEOUTS_SECTION, description="Timeouts."),
-        FieldSpec(name="limits", kind=_LIMITS_SECTION, description="Request size limits."),
+        FieldSpec(
+            name="limits", kind=_LIMITS_SECTION, description="Request size and connection limits."
+        ),
         FieldSpec(
             name="routes",
             kind=_ROUTE_SECTION,

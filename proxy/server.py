@@ -50,6 +50,9 @@ DEADLINE_LINGER: Final = 5  # end of a lingering close: abort
 # How long unread client bytes are drained after an error reply before the socket closes.
 LINGER_SECONDS: Final = 2.0
 
+# A connection refused over `limits.max_connections` is logged at most this often.
+REFUSAL_LOG_SECONDS: Final = 10.0
+
 MAX_HEADER_FIELDS: Final = 100  # Envoy's and HAProxy's default field cap; more is a 431
 
 BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -104,7 +107,15 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode("latin-1") if peer else b"unknown"
-        self.server.connections.add(self)
+        connections = self.server.connections
+        connections.add(self)
+        if len(connections) > self.holder.current.config.limits.max_connections:
+            # Over the cap (nginx `worker_connections`, HAProxy `maxconn`): answer and close
+            # rather than hold more sockets and memory; the open connections are not touched.
+            # It still counts while it lingers, which is at most LINGER_SECONDS.
+            self.server.connection_refused()
+            self.reject(Reject(503, b"Service Unavailable: connection limit reached"))
+            return
         self._set_deadline(DEADLINE_HEADER, self._timeouts().client_header)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -622,6 +633,8 @@ class Server:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = -REFUSAL_LOG_SECONDS
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await self.loop.create_server(
@@ -690,6 +703,21 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         self.holder.close_idle()
+
+    def connection_refused(self) -> None:
+        """Say so in the log, but at most every REFUSAL_LOG_SECONDS: a flood of refused
+        connections must not become a flood of log lines."""
+        self._refusals_unlogged += 1
+        now = self.loop.time()
+        if now - self._refusal_logged_at < REFUSAL_LOG_SECONDS:
+            return
+        log.warning(
+            "connection limit reached (limits.max_connections = %d): refused %d connection(s)",
+            self.holder.current.config.limits.max_connections,
+            self._refusals_unlogged,
+        )
+        self._refusal_logged_at = now
+        self._refusals_unlogged = 0
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)

@@ -106,7 +106,12 @@ def full() -> dict[str, Any]:
             "client_header": "10s",
             "shutdown": "30s",
         },
-        "limits": {"max_header_bytes": 65536, "max_url_bytes": 8192, "max_body_bytes": 0},
+        "limits": {
+            "max_header_bytes": 65536,
+            "max_url_bytes": 8192,
+            "max_body_bytes": 0,
+            "max_connections": 10000,
+        },
         "routes": [
             {
                 "name": "shop",
@@ -485,7 +490,8 @@ def test_the_schema_states_the_parsers_defaults() -> None:
         "listen", "state_dir", "admin.listen", "admin.token_env", "timeouts.connect",
         "timeouts.response_header", "timeouts.idle", "timeouts.client_header",
         "timeouts.shutdown", "limits.max_header_bytes", "limits.max_url_bytes",
-        "limits.max_body_bytes", "routes[0].match.path_prefix", "routes[0].split.weight",
+        "limits.max_body_bytes", "limits.max_connections", "routes[0].match.path_prefix",
+        "routes[0].split.weight",
         "routes[0].guard.window", "routes[0].guard.min_requests",
         "routes[0].guard.max_error_rate", "routes[0].guard.action",
     ]  # fmt: skip
