@@ -46,6 +46,8 @@ class AdminState:
     registry: CollectorRegistry
     token: str | None
     draining: bool = False
+    # With worker processes: each worker's pid, readiness, connections and restarts.
+    workers: Callable[[], list[dict[str, object]]] | None = None
 
 
 STATE_KEY: Final = web.AppKey("admin_state", AdminState)
@@ -201,9 +203,13 @@ def _totals(codes: dict[int, int]) -> dict[str, int]:
 
 
 async def _status(request: web.Request) -> web.Response:
-    holder = request.app[STATE_KEY].holder
+    state = request.app[STATE_KEY]
+    holder = state.holder
     routes = [route_document(route) for route in holder.current.routes.values()]
-    return web.json_response({"routes": routes, "generation": holder.current.generation})
+    document: dict[str, object] = {"routes": routes, "generation": holder.current.generation}
+    if state.workers is not None:
+        document["workers"] = state.workers()
+    return web.json_response(document)
 
 
 async def _route(request: web.Request) -> web.Response:

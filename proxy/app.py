@@ -25,15 +25,18 @@ from proxy.metrics import ProxyCollector, build_registry
 from proxy.runtime import RuntimeHolder
 from proxy.server import Server
 from proxy.store import StateStore
+from proxy.workers import WorkerPool
 
 log = logging.getLogger("canary_proxy")
 
 
 class Proxy:
-    """Owns the data plane server and the admin app of one process."""
+    """Owns the data plane and the admin app: the data plane is this process's server, or
+    (`workers` > 1) worker processes it supervises (proxy.workers)."""
 
-    def __init__(self, config: Config, *, config_path: str | None) -> None:
+    def __init__(self, config: Config, *, config_path: str | None, workers: int = 1) -> None:
         self.config = config
+        self.workers = workers
         self.token = load_token(config.admin)
         check_exposure(config.admin, self.token)
         self.store = StateStore(config.state_dir)
@@ -46,23 +49,21 @@ class Proxy:
         self.holder = RuntimeHolder(config, store=self.store)
         self.reloader = Reloader(self.holder, config_path)
         self.server: Server | None = None
+        self.pool: WorkerPool | None = None
         self.admin: AdminState | None = None
         self._admin_runner: web.AppRunner | None = None
         self.data_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = server = Server(self.holder, loop)
-        host, port = await server.start(self.config.listen.host, self.config.listen.port)
-        collector = ProxyCollector(
-            self.holder.outcomes, self.holder.route_views, lambda: len(server.connections)
-        )
+        host, port, connections = await self._start_data_plane()
+        collector = ProxyCollector(self.holder.outcomes, self.holder.route_views, connections)
         self.admin = AdminState(
             holder=self.holder,
             reloader=self.reloader,
             registry=build_registry(collector),
             token=self.token,
+            workers=self.pool.status if self.pool is not None else None,
         )
         self.reloader.add_preparer(self._prepare_admin)
         self.holder.controller.start(self.holder.canary_stats)
@@ -86,6 +87,19 @@ class Proxy:
         )
         log.info("admin API listening on %s:%d", *self.admin_address)
         log.info("data plane: %s", data_plane_build())
+
+    async def _start_data_plane(self) -> tuple[str, int, Callable[[], int]]:
+        listen = self.config.listen
+        if self.workers > 1:
+            self.pool = pool = WorkerPool(self.holder, self.workers)
+            self.holder.controller.on_change = pool.states_changed
+            self.reloader.add_preparer(lambda config: pool.config_changed)
+            host, port = await pool.start(listen)
+            log.info("%d workers listening (SO_REUSEPORT)", self.workers)
+            return host, port, pool.connections
+        self.server = server = Server(self.holder, asyncio.get_running_loop())
+        host, port = await server.start(listen.host, listen.port)
+        return host, port, lambda: len(server.connections)
 
     def _prepare_admin(self, config: Config) -> Callable[[], None]:
         """Re-read the admin token with every reload (rotation without a restart); a token
@@ -114,6 +128,8 @@ class Proxy:
             self.admin.draining = True
         if self.server is not None:
             await self.server.shutdown(drain)
+        if self.pool is not None:
+            await self.pool.stop(drain)
         await self.holder.controller.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -134,17 +150,17 @@ SPARE_FILES = 64
 
 def raise_open_file_limit(max_connections: int) -> None:
     """Use the hard open-file limit (nginx `worker_rlimit_nofile`, HAProxy does it by itself):
-    every client connection is a descriptor, and usually one upstream connection more."""
+    every client connection is a descriptor, and a busy one holds an upstream connection too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
-    needed = 2 * max_connections + SPARE_FILES
+    needed = max_connections + SPARE_FILES
     if needed > soft:
         log.warning(
-            "limits.max_connections = %d needs up to %d open files, but the limit is %d: "
+            "limits.max_connections = %d needs at least %d open files, but the limit is %d: "
             "past it new connections fail to be accepted; raise the limit (ulimit -n) or "
             "lower max_connections",
             max_connections,
@@ -153,10 +169,10 @@ def raise_open_file_limit(max_connections: int) -> None:
         )
 
 
-async def serve(config: Config, *, config_path: str | None) -> None:
+async def serve(config: Config, *, config_path: str | None, workers: int = 1) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     raise_open_file_limit(config.limits.max_connections)
-    proxy = Proxy(config, config_path=config_path)
+    proxy = Proxy(config, config_path=config_path, workers=workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"config file (default: $CANARY_PROXY_CONFIG or {DEFAULT_CONFIG})",
     )
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        help="data plane processes (a number, or auto = one per CPU); default: the config's "
+        "workers, 1",
+    )
+    worker = commands.add_parser("worker")  # started by `run --workers`, not by people
+    worker.add_argument("--fd", type=int, required=True)
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=None, help="config file to validate")
     commands.add_parser("schema", help="print the config file's JSON Schema (for editors)")
@@ -136,7 +145,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
         return _schema()
     if args.command == "run":
-        return _run(args.config or _default_config_path())
+        return _run(args.config or _default_config_path(), args.workers)
+    if args.command == "worker":
+        from proxy.workers import run_worker
+
+        _install_uvloop()
+        asyncio.run(run_worker(args.fd))
+        return EXIT_OK
     if args.command == "demo":
         return _demo(args)
     if args.command in ("status", "reload", "set-weight") or args.command in ADMIN_VERBS:
@@ -247,16 +262,30 @@ def _schema() -> int:
     return EXIT_OK
 
 
-def _run(path: str) -> int:
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return count
+
+
+def _run(path: str, workers: int | str | None) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
     from proxy.admin import AdminSetupError
     from proxy.app import serve
+    from proxy.workers import worker_count
 
     _install_uvloop()
     try:
-        asyncio.run(serve(config, config_path=path))
+        count = worker_count(workers if workers is not None else config.workers)
+        asyncio.run(serve(config, config_path=path, workers=count))
     except AdminSetupError as error:
         print(f"canary-proxy: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -23,6 +23,7 @@ BASIS_POINTS: Final = 10_000  # 100 % expressed in basis points (0.01 % granular
 DEFAULT_ADMIN_TOKEN_ENV: Final = "CANARY_PROXY_ADMIN_TOKEN"
 
 GuardAction = Literal["rollback", "observe"]
+Workers = int | Literal["auto"]  # data plane processes; auto = one per CPU
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +150,7 @@ class Config:
     timeouts: Timeouts
     limits: Limits
     routes: tuple[Route, ...]
+    workers: Workers = 1
 
 
 # --- Field tables --------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ ValueKind = Literal[
     "header_name",
     "cookie_name",
     "guard_action",
+    "workers",  # a whole number of at least 1, or auto
 ]
 
 
@@ -489,6 +492,14 @@ CONFIG_SECTION: Final = SectionSpec(
             description="Where the proxy serves traffic: host:port or [ipv6]:port.",
         ),
         FieldSpec(
+            name="workers",
+            kind="workers",
+            default=1,
+            description="Data plane processes sharing the listen port (SO_REUSEPORT) under one "
+            "supervisor that runs the guard, the admin API and the metrics; auto = one per CPU. "
+            "Changing it needs a restart.",
+        ),
+        FieldSpec(
             name="admin",
             kind=_ADMIN_SECTION,
             description="The admin API, on its own listener.",
@@ -637,6 +648,7 @@ def _config(section: _Section, base_dir: str) -> Config:
         timeouts=_or(section.get("timeouts", _timeouts), Timeouts()),
         limits=_or(section.get("limits", _limits), Limits()),
         routes=_or(section.get("routes", _routes), ()),
+        workers=_or(section.get("workers", _workers), 1),
     )
 
 
@@ -947,6 +959,15 @@ def _ratio(ctx: _Context, raw: object) -> float | None:
         ctx.report("must be between 0 and 1")
         return None
     return number
+
+
+def _workers(ctx: _Context, raw: object) -> Workers | None:
+    if raw == "auto":
+        return "auto"
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        return raw
+    ctx.report("must be a whole number of at least 1, or auto")
+    return None
 
 
 def _guard_action(ctx: _Context, raw: object) -> GuardAction | None:

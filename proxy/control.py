@@ -124,6 +124,10 @@ class Reloader:
             problems.append(
                 ConfigProblem(path="listen", message="changing the listen address needs a restart")
             )
+        if config.workers != current.workers:
+            problems.append(
+                ConfigProblem(path="workers", message="changing the worker count needs a restart")
+            )
         if config.state_dir != current.state_dir:
             problems.append(
                 ConfigProblem(path="state_dir", message="changing state_dir needs a restart")

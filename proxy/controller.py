@@ -25,7 +25,7 @@ from proxy.guard import Assessment, assess
 from proxy.metrics import Recorder, RollbackReason, VersionStats
 from proxy.rollout import RolloutState, Transition
 from proxy.store import StateStore
-from proxy.window import SlidingWindow, WindowCounts
+from proxy.window import Evidence, SlidingWindow, Tally, TallyCounts, WindowCounts
 
 if TYPE_CHECKING:
     from proxy.runtime import RouteRuntime
@@ -46,10 +46,13 @@ class RouteState:
     __slots__ = (
         "aborted",
         "assessment",
+        "canary_evidence",
         "canary_window",
+        "epoch",
         "guard",
         "rollout",
         "route",
+        "stable_evidence",
         "stable_window",
         "weight_bp",
     )
@@ -60,8 +63,13 @@ class RouteState:
         self.weight_bp = state.weight_bp
         self.aborted = state.state == "aborted"
         self.guard: Guard | None = None
+        # The guard's windows (the process that judges: a single process, or the supervisor).
         self.stable_window: SlidingWindow | None = None
         self.canary_window: SlidingWindow | None = None
+        # Where the data path records: the windows themselves, or a worker's tallies.
+        self.stable_evidence: Evidence | None = None
+        self.canary_evidence: Evidence | None = None
+        self.epoch = 0  # bumped whenever the windows start afresh; a worker's tallies follow
         self.assessment: Assessment | None = None
 
     def adopt(self, state: RolloutState) -> None:
@@ -92,8 +100,15 @@ class PersistError(Exception):
 ABORTED_REVISIONS_KEY: Final = "aborted_revisions"  # stored beside RolloutState's own fields
 
 
+RouteStates = dict[str, tuple[int, bool, int]]  # name: weight_bp, aborted, epoch
+
+
 class Controller:
-    """Owns every route's RouteState and the decisions that change it."""
+    """Owns every route's RouteState and the decisions that change it.
+
+    A worker process (`follower=True`) decides nothing: it records into tallies, which it
+    reports, and takes weights and window epochs from its supervisor's controller (`follow`).
+    """
 
     def __init__(
         self,
@@ -101,10 +116,16 @@ class Controller:
         store: StateStore | None = None,
         *,
         wall: Callable[[], float] = time.time,
+        follower: bool = False,
     ) -> None:
         self.recorder = recorder
         self.store = store
         self.wall = wall
+        self.follower = follower
+        # Told after every decision (the supervisor sends the new states to its workers).
+        self.on_change: Callable[[], None] | None = None
+        # A follower's canary error: the supervisor must hear of it now, not at the next report.
+        self.on_canary_error: Callable[[], None] | None = None
         self.live: dict[str, RouteState] = {}
         self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
         # Routes not in the current config keep their record (an abort must survive a reload
@@ -192,24 +213,76 @@ class Controller:
         self.recorder.set_canary_routes([p.route.name for p in plans if p.route.canary is not None])
         # Best effort: the config is in already; a failed write is retried on every tick.
         self._write(transitions, {})
+        self._changed()
 
-    @staticmethod
-    def _reset_windows(live: RouteState, guard: Guard | None) -> None:
+    def _reset_windows(self, live: RouteState, guard: Guard | None) -> None:
         live.guard = guard
         live.assessment = None
+        live.epoch += 1
+        live.stable_window = live.canary_window = None
+        live.stable_evidence = live.canary_evidence = None
         if guard is None:
-            live.stable_window = live.canary_window = None
-        else:
-            live.stable_window = SlidingWindow(guard.window)
-            live.canary_window = SlidingWindow(guard.window)
+            return
+        if self.follower:
+            live.stable_evidence, live.canary_evidence = Tally(), Tally()
+            return
+        live.stable_window = SlidingWindow(guard.window)
+        live.canary_window = SlidingWindow(guard.window)
+        live.stable_evidence, live.canary_evidence = live.stable_window, live.canary_window
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def route_states(self) -> RouteStates:
+        """What a worker needs of each live route: its weight, whether it is aborted, and the
+        epoch its tallies belong to."""
+        return {
+            name: (live.weight_bp, live.aborted, live.epoch) for name, live in self.live.items()
+        }
+
+    def follow(self, states: RouteStates) -> None:
+        """A worker adopts its supervisor's decisions; a new epoch starts fresh tallies (what
+        in-flight requests still record in the old ones is never reported: old evidence)."""
+        for name, (weight_bp, aborted, epoch) in states.items():
+            live = self.live.get(name)
+            if live is None:
+                continue
+            live.weight_bp = weight_bp
+            live.aborted = aborted
+            if live.epoch != epoch:
+                self._reset_windows(live, live.guard)
+                live.epoch = epoch
+
+    def add_tally(self, name: str, epoch: int, canary: bool, counts: TallyCounts) -> None:
+        """A worker's report: its tally joins the route's window if it is of the current
+        epoch (otherwise it judged a canary that is gone, or a retried one)."""
+        live = self.live.get(name)
+        if live is None or live.epoch != epoch:
+            return
+        window = live.canary_window if canary else live.stable_window
+        if window is not None:
+            window.add(monotonic(), counts)
+
+    def assess_route(self, name: str) -> None:
+        """A worker reported canary errors: judge the route now rather than at the tick."""
+        live = self.live.get(name)
+        if live is not None and live.guard is not None and not live.aborted:
+            self._assess(name, live, monotonic())
 
     # -- the guard, in line ------------------------------------------------------------------
 
     def canary_failed(self, route: RouteRuntime) -> None:
-        """Called by the data path for every canary error: assess now, act now."""
+        """Called by the data path for every canary error: assess now, act now (a worker:
+        have its supervisor assess now)."""
         live = route.state
         if live.guard is not None and not live.aborted and self.live.get(route.name) is live:
-            self._assess(route.name, live, monotonic())
+            if self.on_canary_error is not None:
+                self.on_canary_error()
+            else:
+                self._assess(route.name, live, monotonic())
 
     def _assess(self, name: str, live: RouteState, now: float) -> Assessment | None:
         windows = live.windows(now)
@@ -293,6 +366,7 @@ class Controller:
         live.adopt(state)  # the data path sees the new weight from the next request on
         if _restarts(transition):
             self._reset_windows(live, live.route.guard)
+        self._changed()
         if transition.action in ("rollback", "abort"):
             self.recorder.rolled_back(name, _rollback_reason(transition))
         if transition.action in ("rollback", "observe_breach"):

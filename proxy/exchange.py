@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
 from proxy.runtime import CANARY, STABLE, RouteRuntime, Runtime
 from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
-from proxy.window import SlidingWindow
+from proxy.window import Evidence
 
 if TYPE_CHECKING:
     from proxy.server import ClientConnection
@@ -110,7 +110,7 @@ class Exchange:
         self.version = STABLE
         # The guard window this request counts in, fixed when it is routed: if the windows
         # are reset meanwhile (retry, new revision), its outcome is old evidence and is dropped.
-        self.window: SlidingWindow | None = None
+        self.window: Evidence | None = None
         self.pool: VersionPool | None = None
         self.instance: Instance | None = None
         self.head = b""
@@ -507,7 +507,7 @@ class Exchange:
             return  # no guard, or a client that left: no evidence either way (DESIGN.md §6)
         error = status >= 500
         window.record(now, error=error, latency=duration)
-        if error and canary and window is route.state.canary_window:
+        if error and canary and window is route.state.canary_evidence:
             self.client.holder.controller.canary_failed(route)
 
     def _finish(self) -> None:

@@ -82,6 +82,48 @@ class VersionStats:
     def requests(self) -> int:
         return sum(self.codes.values())
 
+    # -- across processes: a worker reports what changed, its supervisor adds it up ----------
+
+    def copy(self) -> VersionStats:
+        twin = VersionStats()
+        twin.codes = dict(self.codes)
+        twin.buckets = list(self.buckets)
+        twin.duration_sum = self.duration_sum
+        twin.upstream_errors = dict(self.upstream_errors)
+        return twin
+
+    def since(self, before: VersionStats) -> StatsDelta | None:
+        """What was counted after `before` (a copy taken earlier), or None if nothing was."""
+        codes = {
+            code: n - before.codes.get(code, 0)
+            for code, n in self.codes.items()
+            if n != before.codes.get(code, 0)
+        }
+        errors = {
+            kind: n - before.upstream_errors.get(kind, 0)
+            for kind, n in self.upstream_errors.items()
+            if n != before.upstream_errors.get(kind, 0)
+        }
+        if not codes and not errors:
+            return None
+        buckets = [now - then for now, then in zip(self.buckets, before.buckets, strict=True)]
+        return codes, buckets, self.duration_sum - before.duration_sum, errors
+
+    def add(self, delta: StatsDelta) -> None:
+        codes, buckets, duration_sum, errors = delta
+        for code, n in codes.items():
+            self.codes[code] = self.codes.get(code, 0) + n
+        for index, n in enumerate(buckets):
+            self.buckets[index] += n
+        self.duration_sum += duration_sum
+        for kind, n in errors.items():
+            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
+
+
+# A worker's report of one version's stats (plain builtins: it crosses a process boundary):
+# status code counts, duration bucket counts, duration sum, upstream errors by kind.
+StatsDelta = tuple[dict[int, int], list[int], float, dict[str, int]]
+
 
 class Recorder:
     """Everything the proxy counts, with verbs named after what happened."""
@@ -121,6 +163,17 @@ class Recorder:
 
     def record_rejected(self, status: int) -> None:
         self._rejected[status] = self._rejected.get(status, 0) + 1
+
+    def rejected_since(self, before: dict[int, int]) -> dict[int, int]:
+        return {
+            code: n - before.get(code, 0)
+            for code, n in self._rejected.items()
+            if n != before.get(code, 0)
+        }
+
+    def add_rejected(self, counts: dict[int, int]) -> None:
+        for code, n in counts.items():
+            self._rejected[code] = self._rejected.get(code, 0) + n
 
     def reload_succeeded(self) -> None:
         self.reloads["success"] += 1

@@ -117,10 +117,11 @@ class RuntimeHolder:
         recorder: Recorder | None = None,
         store: StateStore | None = None,
         wall: Callable[[], float] = time.time,
+        follower: bool = False,
     ) -> None:
         self.rng = rng
         self.outcomes = recorder or Recorder()
-        self.controller = Controller(self.outcomes, store, wall=wall)
+        self.controller = Controller(self.outcomes, store, wall=wall, follower=follower)
         self.instances: dict[str, Instance] = {}
         self._generation = 0
         self.current, instances, plans = self._build(config)

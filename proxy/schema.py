@@ -83,6 +83,8 @@ _LEAVES: Final[Mapping[ValueKind, JSON]] = {
     "header_name": {"type": "string", "pattern": _anchored(_TOKEN)},
     "cookie_name": {"type": "string", "pattern": _anchored(_TOKEN)},
     "guard_action": {"enum": list(get_args(GuardAction))},
+    # `minimum` constrains only numbers and `pattern` only strings: an integer >= 1, or auto.
+    "workers": {"type": ["integer", "string"], "minimum": 1, "pattern": "^auto$"},
 }
 
 _NOT_NULL: Final = {"not": {"type": "null"}}

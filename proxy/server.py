@@ -477,10 +477,10 @@ class ClientConnection(asyncio.Protocol):
         live = route_rt.state
         if version_name == CANARY:
             pool = route_rt.canary
-            exchange.window = live.canary_window
+            exchange.window = live.canary_evidence
         else:
             pool = route_rt.stable
-            exchange.window = live.stable_window
+            exchange.window = live.stable_evidence
         assert pool is not None
         exchange.pool = pool
         instance = pool.pick(exchange.started)
@@ -636,12 +636,15 @@ class Server:
         self._refusals_unlogged = 0
         self._refusal_logged_at = -REFUSAL_LOG_SECONDS
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        """Listen; `reuse_port`: one of several worker processes on the same port, the kernel
+        spreading new connections over them (SO_REUSEPORT)."""
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self),
             host,
             port,
             reuse_address=True,
+            reuse_port=reuse_port or None,
             backlog=2048,
         )
         self._sweeper = self.loop.create_task(self._sweep_forever())

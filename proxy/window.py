@@ -42,7 +42,59 @@ class WindowCounts:
         return self.errors / self.requests if self.requests else 0.0
 
 
-class SlidingWindow:
+class Evidence:
+    """Where the data path records a response for the guard: a route's `SlidingWindow` in a
+    single process, or a worker's `Tally` that goes to the supervisor's window."""
+
+    __slots__ = ()
+
+    def record(self, now: float, *, error: bool, latency: float) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TallyCounts:
+    """A worker's outcomes for one version since its last report; buckets are (index into
+    LATENCY_BOUNDS plus overflow, count) pairs, only the non-empty ones."""
+
+    requests: int
+    errors: int
+    buckets: tuple[tuple[int, int], ...]
+
+
+class Tally(Evidence):
+    """Outcomes since the last `drain`: a worker process counts here, and its supervisor adds
+    the drained counts to the route's one SlidingWindow (`SlidingWindow.add`)."""
+
+    __slots__ = ("buckets", "errors", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.buckets: dict[int, int] = {}
+
+    def record(self, now: float, *, error: bool, latency: float) -> None:
+        del now  # the supervisor places the counts in time when they arrive
+        self.requests += 1
+        if error:
+            self.errors += 1
+        bucket = bisect_left(LATENCY_BOUNDS, latency)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+
+    def drain(self) -> TallyCounts | None:
+        """The counts so far (None if there are none), leaving the tally empty."""
+        if not self.requests:
+            return None
+        counts = TallyCounts(
+            requests=self.requests, errors=self.errors, buckets=tuple(sorted(self.buckets.items()))
+        )
+        self.requests = 0
+        self.errors = 0
+        self.buckets = {}
+        return counts
+
+
+class SlidingWindow(Evidence):
     """A ring of `slots` time slots, each `span / slots` seconds wide, with running totals.
 
     Time is cut into ticks of one slot width; the window holds the current tick and the
@@ -101,6 +153,21 @@ class SlidingWindow:
         bucket = bisect_left(LATENCY_BOUNDS, latency)
         self._histograms[self._slot_base + bucket] += 1
         self._total_histogram[bucket] += 1
+
+    def add(self, now: float, counts: TallyCounts) -> None:
+        """Count a worker's drained tally as if its responses had finished at `now`."""
+        tick = floor(now * self._per_second)
+        if tick > self._tick:
+            self._advance(tick)
+        slot = self._slot
+        self._requests[slot] += counts.requests
+        self._total_requests += counts.requests
+        self._errors[slot] += counts.errors
+        self._total_errors += counts.errors
+        base = self._slot_base
+        for bucket, count in counts.buckets:
+            self._histograms[base + bucket] += count
+            self._total_histogram[bucket] += count
 
     def snapshot(self, now: float) -> WindowCounts:
         """The counts over the window ending at `now` (moving the window forward first)."""

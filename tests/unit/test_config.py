@@ -71,6 +71,7 @@ def test_the_example_file_parses_to_every_value_it_writes() -> None:
     config = load_config_file(str(EXAMPLE))
 
     assert config.listen == Address(host="127.0.0.1", port=8080)
+    assert config.workers == 1
     assert config.admin == Admin(
         listen=Address(host="127.0.0.1", port=9901), token_env="CANARY_PROXY_ADMIN_TOKEN"
     )
@@ -110,8 +111,8 @@ def test_the_example_file_parses_to_every_value_it_writes() -> None:
 def test_the_example_file_writes_every_field_the_parser_knows() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     for name in (
-        "listen:", "admin:", "token_env:", "token_file", "state_dir:", "timeouts:", "connect:",
-        "response_header:", "idle:", "client_header:", "shutdown:", "limits:",
+        "listen:", "workers:", "admin:", "token_env:", "token_file", "state_dir:", "timeouts:",
+        "connect:", "response_header:", "idle:", "client_header:", "shutdown:", "limits:",
         "max_header_bytes:", "max_url_bytes:", "max_body_bytes:", "routes:", "name:", "match:",
         "host:", "path_prefix:", "stable:", "canary:", "upstreams:", "revision:", "split:",
         "weight:", "salt:", "sticky:", "force:", "rollout:", "steps:", "interval:", "guard:",
@@ -132,6 +133,7 @@ def test_a_minimal_config_takes_every_default() -> None:
         limits=Limits(),
         routes=config.routes,
     )
+    assert config.workers == 1
     assert config.admin.token_env == "CANARY_PROXY_ADMIN_TOKEN"
     assert config.admin.token_file is None
     assert config.timeouts == Timeouts(
@@ -161,7 +163,7 @@ def test_an_empty_guard_takes_the_documented_defaults() -> None:
 
 def test_an_explicit_null_reads_as_an_absent_field() -> None:
     data = minimal()
-    data.update(listen=None, admin=None, timeouts=None, limits=None, state_dir=None)
+    data.update(listen=None, workers=None, admin=None, timeouts=None, limits=None, state_dir=None)
     data["routes"][0].update(match=None, canary=None, split=None, rollout=None, guard=None)
 
     assert parse(data) == parse(minimal())
@@ -349,6 +351,25 @@ def test_a_malformed_listen_address_is_rejected(value: object, message: str) -> 
     data["admin"] = {"listen": value}
 
     assert problems(data) == [("listen", message), ("admin.listen", message)]
+
+
+# --- Workers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2, 64, "auto"])
+def test_workers_is_a_whole_number_of_at_least_1_or_auto(workers: object) -> None:
+    data = minimal()
+    data["workers"] = workers
+
+    assert parse(data).workers == workers
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, 2.0, True, False, "Auto", "AUTO", "2", "", [2]])
+def test_a_malformed_worker_count_is_rejected(workers: object) -> None:
+    data = minimal()
+    data["workers"] = workers
+
+    assert problems(data) == [("workers", "must be a whole number of at least 1, or auto")]
 
 
 # --- Admin ---------------------------------------------------------------------------------------

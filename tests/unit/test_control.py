@@ -42,6 +42,31 @@ def test_changing_state_dir_is_refused_with_its_path(tmp_path: Path) -> None:
     assert reloader.holder.outcomes.reloads == {"success": 0, "failure": 1}
 
 
+@pytest.mark.parametrize("workers", ["2", "auto"])
+def test_changing_the_worker_count_is_refused_with_its_path(tmp_path: Path, workers: str) -> None:
+    reloader, path = setup(tmp_path)
+    before = path.read_text()
+    generation = reloader.holder.current.generation
+    text = f"workers: {workers}\n" + CONFIG.format(state_dir="./state", host="localhost")
+    with pytest.raises(ConfigError) as refused:
+        reloader.replace_config(text, "application/yaml")
+    assert [(p.path, p.message) for p in refused.value.problems] == [
+        ("workers", "changing the worker count needs a restart")
+    ]
+    assert path.read_text() == before
+    assert reloader.holder.current.generation == generation
+    assert reloader.holder.current.config.workers == 1
+    assert reloader.holder.outcomes.reloads == {"success": 0, "failure": 1}
+
+
+def test_writing_out_the_worker_count_already_running_is_no_change(tmp_path: Path) -> None:
+    reloader, path = setup(tmp_path)
+    text = "workers: 1\n" + CONFIG.format(state_dir="./state", host="localhost")
+    reloader.replace_config(text, "application/yaml")
+    assert path.read_text() == text
+    assert reloader.holder.outcomes.reloads == {"success": 1, "failure": 0}
+
+
 def test_an_upstream_host_the_runtime_cannot_use_is_refused_before_the_file_changes(
     tmp_path: Path,
 ) -> None:

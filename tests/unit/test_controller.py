@@ -9,8 +9,9 @@ from time import monotonic
 from typing import Final
 
 import pytest
+from configs import guarded
 
-from proxy.config import Config, parse_config
+from proxy.config import Config
 from proxy.controller import PersistError
 from proxy.metrics import ROLLBACK_REASONS
 from proxy.runtime import RouteRuntime, RuntimeHolder
@@ -26,15 +27,7 @@ class Clock:
 
 
 def config(**route: object) -> Config:
-    base: dict[str, object] = {
-        "name": "shop",
-        "stable": {"upstreams": ["http://127.0.0.1:9001"]},
-        "canary": {"upstreams": ["http://127.0.0.1:9002"], "revision": "v2"},
-        "split": {"weight": 10},
-        "guard": {"window": "10s", "min_requests": 20, "max_error_rate": 0.05},
-    }
-    base.update(route)
-    return parse_config({"routes": [base]}, base_dir="/srv")
+    return guarded(**route)
 
 
 def feed(route: RouteRuntime, holder: RuntimeHolder, *, ok: int, errors: int) -> None:

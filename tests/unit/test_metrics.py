@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from typing import Final, get_args
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,6 +21,7 @@ from proxy.metrics import (
     GUARD_ACTIONS,
     ROLLBACK_REASONS,
     ROLLOUT_STATES,
+    UPSTREAM_ERROR_KINDS,
     ProxyCollector,
     Recorder,
     RollbackReason,
@@ -519,3 +522,157 @@ def test_promtool_finds_nothing_to_complain_about_in_the_exposition() -> None:
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# -- across processes: what changed since a copy, added up elsewhere ----------------------------
+
+
+def fields(stats: VersionStats) -> tuple[object, ...]:
+    return stats.codes, stats.buckets, stats.duration_sum, stats.upstream_errors
+
+
+def test_a_copy_has_the_same_counts_and_shares_nothing_with_the_original() -> None:
+    stats = busy_recorder().stats_for("shop", "canary")
+    twin = stats.copy()
+    assert fields(twin) == fields(stats)
+    assert twin is not stats
+    stats.observe(503, 0.7)
+    stats.observe(201, 0.01)
+    stats.upstream_error("connect")
+    assert twin.codes == {503: 1, 499: 1}
+    assert sum(twin.buckets) == 2
+    assert twin.duration_sum == 12.7
+    assert twin.upstream_errors == {"connect": 1, "timeout": 0, "reset": 0, "protocol": 0}
+
+
+def test_nothing_counted_since_a_copy_is_no_change() -> None:
+    assert VersionStats().since(VersionStats()) is None
+    stats = busy_recorder().stats_for("shop", "canary")
+    assert stats.since(stats.copy()) is None
+
+
+def test_the_change_since_a_copy_holds_only_what_was_counted_after_it() -> None:
+    stats = VersionStats()
+    stats.observe(200, 0.25)
+    stats.observe(503, 1.5)
+    stats.upstream_error("reset")
+    before = stats.copy()
+    stats.observe(200, 0.5)
+    stats.observe(200, 0.001)
+    stats.observe(404, 70.0)
+    stats.upstream_error("connect")
+    stats.upstream_error("connect")
+    buckets = [0] * (len(DURATION_BUCKETS) + 1)
+    buckets[DURATION_BUCKETS.index(0.5)] = 1
+    buckets[DURATION_BUCKETS.index(0.001)] = 1
+    buckets[-1] = 1
+    # Only the codes and error kinds that changed; every bucket, by position.
+    assert stats.since(before) == ({200: 2, 404: 1}, buckets, 70.501, {"connect": 2})
+
+
+def test_an_upstream_error_alone_is_a_change() -> None:
+    stats = VersionStats()
+    before = stats.copy()
+    stats.upstream_error("timeout")
+    assert stats.since(before) == ({}, [0] * (len(DURATION_BUCKETS) + 1), 0.0, {"timeout": 1})
+
+
+def test_adding_the_change_since_a_copy_to_that_copy_gives_the_current_stats_exactly() -> None:
+    stats = busy_recorder().stats_for("shop", "stable")
+    before = stats.copy()
+    for status, duration in ((200, 0.25), (200, 0.5), (502, 0.125), (404, 61.0), (200, 0.0)):
+        stats.observe(status, duration)
+    stats.upstream_error("protocol")
+    stats.upstream_error("timeout")
+    delta = stats.since(before)
+    assert delta is not None
+    before.add(delta)
+    assert fields(before) == fields(stats)
+
+
+Observation = tuple[int, float]
+OBSERVATIONS: Final = st.lists(
+    st.tuples(st.sampled_from([200, 201, 404, 499, 502, 503]), st.floats(0.0, 100.0)),
+    max_size=30,
+)
+ERRORS: Final = st.lists(st.sampled_from(UPSTREAM_ERROR_KINDS), max_size=5)
+
+
+def counted_stats(observations: list[Observation], errors: list[str]) -> VersionStats:
+    stats = VersionStats()
+    for status, duration in observations:
+        stats.observe(status, duration)
+    for kind in errors:
+        stats.upstream_error(kind)
+    return stats
+
+
+@given(OBSERVATIONS, ERRORS, OBSERVATIONS, ERRORS)
+def test_any_change_added_to_the_copy_it_was_taken_from_reproduces_the_stats(
+    before_observed: list[Observation],
+    before_errors: list[str],
+    observed: list[Observation],
+    errors: list[str],
+) -> None:
+    stats = counted_stats(before_observed, before_errors)
+    before = stats.copy()
+    for status, duration in observed:
+        stats.observe(status, duration)
+    for kind in errors:
+        stats.upstream_error(kind)
+    delta = stats.since(before)
+    if not observed and not errors:
+        assert delta is None
+        return
+    assert delta is not None
+    before.add(delta)
+    assert (before.codes, before.buckets, before.upstream_errors) == (
+        stats.codes,
+        stats.buckets,
+        stats.upstream_errors,
+    )
+    # A float sum and a difference of two sums: exact up to rounding.
+    assert before.duration_sum == pytest.approx(stats.duration_sum, rel=1e-12, abs=1e-12)
+
+
+def test_changes_from_several_sources_add_up_to_their_total() -> None:
+    workers = [VersionStats(), VersionStats()]
+    sent = [VersionStats(), VersionStats()]
+    total = VersionStats()
+    for rounds in range(3):
+        for index, stats in enumerate(workers):
+            stats.observe(200, 0.25 * (index + 1))
+            stats.observe(503 if rounds else 200, 0.5)
+            stats.upstream_error("connect")
+            delta = stats.since(sent[index])
+            assert delta is not None
+            total.add(delta)
+            sent[index] = stats.copy()
+    assert total.codes == {200: 8, 503: 4}
+    assert total.requests == 12
+    assert total.buckets == [a + b for a, b in zip(*(w.buckets for w in workers), strict=True)]
+    assert total.duration_sum == sum(w.duration_sum for w in workers) == 5.25
+    assert total.upstream_errors == {"connect": 6, "timeout": 0, "reset": 0, "protocol": 0}
+
+
+def test_the_rejected_since_a_copy_are_only_the_codes_that_changed() -> None:
+    recorder = Recorder()
+    assert recorder.rejected_since({}) == {}
+    for status in (400, 400, 431):
+        recorder.record_rejected(status)
+    assert recorder.rejected_since({}) == {400: 2, 431: 1}
+    before = dict(recorder.rejected)
+    assert recorder.rejected_since(before) == {}
+    recorder.record_rejected(400)
+    recorder.record_rejected(404)
+    assert recorder.rejected_since(before) == {400: 1, 404: 1}
+
+
+def test_rejected_counts_added_from_several_recorders_sum_up() -> None:
+    total = Recorder()
+    total.record_rejected(400)
+    total.add_rejected({400: 2, 431: 1})
+    total.add_rejected({})
+    total.add_rejected({400: 1, 404: 3})
+    assert total.rejected == {400: 4, 431: 1, 404: 3}
+    assert value(exposition(total), "canary_proxy_rejected_requests_total", code="400") == 4

@@ -97,6 +97,7 @@ def full() -> dict[str, Any]:
     """A valid config with every section and every field but token_file (token_env's rival)."""
     return {
         "listen": "127.0.0.1:8080",
+        "workers": 2,
         "admin": {"listen": "127.0.0.1:9901", "token_env": "CANARY_PROXY_ADMIN_TOKEN"},
         "state_dir": "./state",
         "timeouts": {
@@ -425,6 +426,7 @@ KIND_SAMPLES: Final[dict[ValueKind, tuple[list[object], list[object]]]] = {
     "header_name": (["X-User-ID", "x_canary", "a"], ["X User", "X-User:", "Über", "", 1]),
     "cookie_name": (["uid", "UID"], ["u=id", "can;ary", "", 1]),
     "guard_action": (["rollback", "observe"], ["rollforward", "Rollback", "", 1]),
+    "workers": ([1, 2, 64, "auto"], [0, -1, 1.5, True, "Auto", "2", "", "auto "]),
 }  # fmt: skip
 
 
@@ -487,7 +489,7 @@ DEFAULTS: Final = list(_defaults())
 
 def test_the_schema_states_the_parsers_defaults() -> None:
     assert [dotted(path) for path, _ in DEFAULTS] == [
-        "listen", "state_dir", "admin.listen", "admin.token_env", "timeouts.connect",
+        "listen", "workers", "state_dir", "admin.listen", "admin.token_env", "timeouts.connect",
         "timeouts.response_header", "timeouts.idle", "timeouts.client_header",
         "timeouts.shutdown", "limits.max_header_bytes", "limits.max_url_bytes",
         "limits.max_body_bytes", "limits.max_connections", "routes[0].match.path_prefix",
@@ -563,6 +565,7 @@ CANDIDATES: Final[dict[ValueKind, st.SearchStrategy[object]]] = {
     "header_name": _regex(_TOKEN),
     "cookie_name": _regex(_TOKEN),
     "guard_action": st.sampled_from(["rollback", "observe", "Rollback", "OBSERVE", "none"]),
+    "workers": st.one_of(st.integers(-2, 70), st.sampled_from(["auto", "AUTO", "0", ""])),
 }
 
 

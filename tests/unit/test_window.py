@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 import tracemalloc
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Final
 
@@ -14,7 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.window import LATENCY_BOUNDS, SlidingWindow, WindowCounts
+from proxy.window import (
+    LATENCY_BOUNDS,
+    Evidence,
+    SlidingWindow,
+    Tally,
+    TallyCounts,
+    WindowCounts,
+)
 
 SPAN: Final = 10.0
 SLOTS: Final = 20
@@ -241,3 +249,190 @@ def test_the_memory_a_window_holds_does_not_grow_with_the_number_of_records() ->
     finally:
         tracemalloc.stop()
     assert after_many - after_few < 4_096  # a few boxed ints at most, never per record
+
+
+# -- across processes: a worker's Tally, added to the supervisor's window -------------------------
+
+Outcome = tuple[bool, float]  # error?, latency
+
+OUTCOMES: Final = st.lists(
+    st.tuples(st.booleans(), st.floats(min_value=-1.0, max_value=120.0)), max_size=300
+)
+
+
+def tally_of(outcomes: list[Outcome], *, now: float = 1.0) -> Tally:
+    tally = Tally()
+    for error, latency in outcomes:
+        tally.record(now, error=error, latency=latency)
+    return tally
+
+
+def recorded(outcomes: list[Outcome], *, now: float) -> SlidingWindow:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    for error, latency in outcomes:
+        window.record(now, error=error, latency=latency)
+    return window
+
+
+def added(outcomes: list[Outcome], *, now: float) -> SlidingWindow:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    counts = tally_of(outcomes).drain()
+    if counts is not None:
+        window.add(now, counts)
+    return window
+
+
+def test_evidence_is_only_an_interface_whose_record_must_be_overridden() -> None:
+    with pytest.raises(NotImplementedError):
+        Evidence().record(1.0, error=False, latency=0.01)
+    assert isinstance(Tally(), Evidence)
+    assert isinstance(SlidingWindow(SPAN), Evidence)
+
+
+def test_a_tally_counts_requests_errors_and_the_latency_bucket_of_each_response() -> None:
+    tally = Tally()
+    tally.record(1.0, error=False, latency=0.0)  # at or below the fastest bound: bucket 0
+    tally.record(2.0, error=True, latency=LATENCY_BOUNDS[10])  # a bound is in its own bucket
+    tally.record(3.0, error=False, latency=LATENCY_BOUNDS[10] * 1.0001)
+    tally.record(4.0, error=True, latency=LATENCY_BOUNDS[10])
+    tally.record(5.0, error=False, latency=60.01)  # the overflow bucket, after the last bound
+    assert tally.drain() == TallyCounts(
+        requests=5, errors=2, buckets=((0, 1), (10, 2), (11, 1), (len(LATENCY_BOUNDS), 1))
+    )
+
+
+def test_a_tally_counts_responses_whatever_time_they_finished_at() -> None:
+    # The supervisor places a tally in time when it arrives: `now` plays no part.
+    tally = Tally()
+    for now in (1.0, 1_000.0, -5.0, 1.0):
+        tally.record(now, error=False, latency=0.01)
+    counts = tally.drain()
+    assert counts is not None
+    assert counts.requests == 4
+
+
+def test_an_empty_tally_drains_to_none() -> None:
+    assert Tally().drain() is None
+
+
+def test_draining_empties_the_tally_so_the_next_drain_has_only_what_came_after() -> None:
+    tally = tally_of([(True, 0.01), (False, 2.0)])
+    assert tally.drain() == TallyCounts(
+        requests=2,
+        errors=1,
+        buckets=((bisect_left(LATENCY_BOUNDS, 0.01), 1), (bisect_left(LATENCY_BOUNDS, 2.0), 1)),
+    )
+    assert (tally.requests, tally.errors, tally.buckets) == (0, 0, {})
+    assert tally.drain() is None
+    tally.record(9.0, error=False, latency=0.5)
+    assert tally.drain() == TallyCounts(
+        requests=1, errors=0, buckets=((bisect_left(LATENCY_BOUNDS, 0.5), 1),)
+    )
+    assert tally.drain() is None
+
+
+@given(OUTCOMES)
+def test_a_drained_tally_lists_only_non_empty_buckets_in_order_and_adds_up(
+    outcomes: list[Outcome],
+) -> None:
+    counts = tally_of(outcomes).drain()
+    if not outcomes:
+        assert counts is None
+        return
+    assert counts is not None
+    assert counts.requests == len(outcomes)
+    assert counts.errors == sum(error for error, _ in outcomes)
+    indices = [bucket for bucket, _ in counts.buckets]
+    assert indices == sorted(set(indices))
+    assert all(0 <= bucket <= len(LATENCY_BOUNDS) for bucket in indices)
+    assert all(count > 0 for _, count in counts.buckets)
+    assert sum(count for _, count in counts.buckets) == len(outcomes)
+
+
+@given(OUTCOMES, st.floats(min_value=0.0, max_value=1e6))
+def test_a_tally_added_to_a_window_reads_as_the_same_responses_recorded_one_by_one(
+    outcomes: list[Outcome], now: float
+) -> None:
+    by_one = recorded(outcomes, now=now).snapshot(now)
+    assert added(outcomes, now=now).snapshot(now) == by_one
+    assert by_one.requests == len(outcomes)  # not vacuous: the window kept them all
+
+
+@pytest.mark.parametrize(
+    "latencies",
+    [
+        [0.01] * 99 + [5.0],  # the p99 is the nearest rank: still fast
+        [0.01] * 98 + [5.0] * 2,  # rank 99 is slow
+        [0.01] * 50 + [61.0] * 50,  # overflow: no upper bound
+        [LATENCY_BOUNDS[3]] * 10 + [LATENCY_BOUNDS[3] * 1.0001] * 1_000,
+    ],
+)
+def test_an_added_tally_gives_the_p99_of_recording_one_by_one(latencies: list[float]) -> None:
+    outcomes = [(False, latency) for latency in latencies]
+    expected = recorded(outcomes, now=1.0).snapshot(1.0)
+    assert expected.p99 is not None
+    assert added(outcomes, now=1.0).snapshot(1.0) == expected
+
+
+def test_tallies_added_one_after_another_sum_up_with_recorded_responses() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    window.record(3.0, error=True, latency=0.02)
+    window.add(3.0, TallyCounts(requests=4, errors=1, buckets=((5, 3), (60, 1))))
+    window.add(3.2, TallyCounts(requests=2, errors=2, buckets=((60, 2),)))
+    counts = window.snapshot(3.2)
+    assert (counts.requests, counts.errors) == (7, 4)
+    assert counts.p99 == LATENCY_BOUNDS[60]
+
+
+def test_added_counts_expire_with_the_slot_of_the_time_they_were_added_at() -> None:
+    by_one = SlidingWindow(SPAN, slots=SLOTS)
+    by_tally = SlidingWindow(SPAN, slots=SLOTS)
+    for slot in range(SLOTS):  # slot k: k + 1 requests, errors in even ones, slowest first
+        outcomes = [(slot % 2 == 0, 0.001 * (SLOTS - slot))] * (slot + 1)
+        for error, latency in outcomes:
+            by_one.record(slot * WIDTH, error=error, latency=latency)
+        counts = tally_of(outcomes).drain()
+        assert counts is not None
+        by_tally.add(slot * WIDTH, counts)
+    total = SLOTS * (SLOTS + 1) // 2
+    assert by_tally.snapshot(SPAN - WIDTH).requests == total
+    for expired in range(SLOTS):
+        now = SPAN + expired * WIDTH
+        assert by_tally.snapshot(now) == by_one.snapshot(now)
+        assert by_tally.snapshot(now).requests == total - sum(k + 1 for k in range(expired + 1))
+    assert by_tally.snapshot(2 * SPAN) == WindowCounts(requests=0, errors=0, p99=None)
+
+
+def test_the_p99_forgets_an_added_tallys_slow_requests_once_they_expire() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    slow = tally_of([(False, 2.0)] * 10).drain()
+    assert slow is not None
+    window.add(0.0, slow)
+    window.add(5.0, TallyCounts(requests=100, errors=0, buckets=((22, 100),)))
+    assert window.snapshot(9.99).p99 == bucket_of(2.0)
+    assert window.snapshot(10.0) == WindowCounts(requests=100, errors=0, p99=LATENCY_BOUNDS[22])
+
+
+def test_adding_moves_the_window_forward_and_expires_what_is_older_than_the_span() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    for _ in range(5):
+        window.record(0.0, error=True, latency=3.0)
+    window.add(SPAN, TallyCounts(requests=3, errors=0, buckets=((5, 3),)))
+    # Read at a time before the add: the window has moved on already, and does not go back.
+    assert window.snapshot(0.0) == WindowCounts(requests=3, errors=0, p99=LATENCY_BOUNDS[5])
+
+
+def test_adding_after_a_long_silence_counts_only_the_added_tally() -> None:
+    window = window_with([0.01] * 50, now=5.0)
+    window.add(1_000.0, TallyCounts(requests=1, errors=1, buckets=((40, 1),)))
+    assert window.snapshot(1_000.0) == WindowCounts(requests=1, errors=1, p99=LATENCY_BOUNDS[40])
+
+
+def test_a_tally_added_with_a_clock_that_steps_back_lands_in_the_current_slot() -> None:
+    window = SlidingWindow(SPAN, slots=SLOTS)
+    window.record(50.0, error=False, latency=0.01)
+    window.add(45.0, TallyCounts(requests=2, errors=1, buckets=((20, 2),)))
+    window.add(50.0, TallyCounts(requests=1, errors=0, buckets=((20, 1),)))  # the same tick
+    assert (window.snapshot(50.0).requests, window.snapshot(50.0).errors) == (4, 1)
+    assert window.snapshot(59.99).requests == 4  # all of them live in the slot of t=50
+    assert window.snapshot(60.0).requests == 0

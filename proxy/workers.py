@@ -1,0 +1,471 @@
+"""Worker processes: N data planes on one port, and one supervisor that decides for them all.
+
+`canary-proxy run --workers N` (or `workers:` in the config) starts a supervisor and N workers.
+
+- **Supervisor** (the process started): the control plane. It owns the config and reloads,
+  the admin API and `/metrics`, `state_dir`, and the only rollout `Controller` that decides:
+  the guard's windows, the ramp, the admin verbs. It serves no traffic. It restarts a worker
+  that dies (with a back-off when one keeps dying) and passes SIGTERM on to every worker.
+- **Workers** (`python -m proxy worker`, started by the supervisor): the data plane. Each one
+  listens on the same address with SO_REUSEPORT, so the kernel spreads new connections over
+  them, and routes with the weights its supervisor sent. Its controller is a follower: it
+  decides nothing and persists nothing.
+
+**The channel.** Each worker has one Unix socket pair with its supervisor, carrying
+length-prefixed pickled messages (both ends are the same program and the same user):
+
+- supervisor -> worker: `("config", Config, states, listen)` first and after every reload;
+  `("states", states)` after every decision (guard trip, ramp step, admin verb). `states` is
+  `{route: (weight_bp, aborted, epoch)}`; a reload's swap and the states it comes with are
+  applied in one step, so no request sees one without the other.
+- worker -> supervisor: `("ready", pid)` once listening; `("report", ...)` every
+  REPORT_SECONDS, and at once (coalesced) when the worker records a canary error, and a last
+  one when it exits on SIGTERM.
+
+**One guard.** A worker records each response into a `Tally` per guarded route and version;
+a report carries what the tallies counted since the last one. The supervisor adds them to the
+route's one `SlidingWindow`, so the verdict uses the traffic of every worker, and a report
+with canary errors is assessed on arrival. A trip reaches every worker with the next
+`states` message, in a millisecond or so. Tallies carry the route's window epoch: evidence
+from before a retry or a new revision is dropped, as in a single process.
+
+**One set of counters.** Reports carry the change in each route's counters since the last
+report; the supervisor adds them to its recorder, which `/metrics` exposes, so totals are
+never double counted and survive a worker's restart. A worker killed with SIGKILL loses what
+it counted after its last report (at most REPORT_SECONDS of responses), and the requests it
+had in flight; connections it had accepted but not yet taken are reset by the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Final
+
+from proxy.config import Address, Config
+from proxy.controller import RouteStates
+from proxy.metrics import StatsDelta, VersionStats
+from proxy.runtime import RuntimeHolder
+from proxy.server import Server
+from proxy.window import Tally, TallyCounts
+
+log = logging.getLogger("canary_proxy")
+
+REPORT_SECONDS: Final = 0.05
+# A canary error is reported at once, but not more often than this: a canary failing at
+# thousands of requests per second (say, under a guard that only observes) must not turn into
+# thousands of reports.
+MIN_REPORT_GAP_SECONDS: Final = 0.005
+START_TIMEOUT_SECONDS: Final = 30.0
+# A worker that dies is started again after a pause that doubles while it keeps dying.
+FIRST_BACKOFF_SECONDS: Final = 0.1
+MAX_BACKOFF_SECONDS: Final = 5.0
+STABLE_UPTIME_SECONDS: Final = 10.0  # alive this long: the next death starts from the first pause
+_FRAME_HEADER: Final = 4
+
+Tallied = tuple[str, int, bool, int, int, tuple[tuple[int, int], ...]]
+# route, epoch, canary?, requests, errors, latency buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a worker counted since its previous report."""
+
+    stats: list[tuple[str, str, StatsDelta]]
+    rejected: dict[int, int]
+    tallies: list[Tallied]
+    connections: int
+
+
+# -- the channel -------------------------------------------------------------------------------
+
+
+def send(writer: asyncio.StreamWriter, message: object) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(len(body).to_bytes(_FRAME_HEADER, "big") + body)
+
+
+async def receive(reader: asyncio.StreamReader) -> object:
+    """The next message; asyncio.IncompleteReadError when the other side has gone."""
+    size = int.from_bytes(await reader.readexactly(_FRAME_HEADER), "big")
+    # Unpickling is safe here: the only peer is our own process, over a private socket pair.
+    return pickle.loads(await reader.readexactly(size))
+
+
+def worker_count(workers: int | str) -> int:
+    if workers == "auto":
+        # The CPUs this process may run on (a container's or taskset's), not the host's.
+        return len(os.sched_getaffinity(0)) or 1
+    assert isinstance(workers, int)
+    return workers
+
+
+# -- the worker --------------------------------------------------------------------------------
+
+
+class Worker:
+    """One data plane process: serves, follows its supervisor, reports what it counted."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: Config
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.loop = asyncio.get_running_loop()
+        self.holder = RuntimeHolder(config, follower=True)
+        self.holder.controller.on_canary_error = self._report_soon
+        self.server = Server(self.holder, self.loop)
+        # Per series: the stats object last reported on, and a copy of it as it was then.
+        self._sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
+        self._sent_rejected: dict[int, int] = {}
+        self._report_pending = False
+        self._reported_at = 0.0
+        self.stopping = asyncio.Event()
+
+    async def serve(self, states: RouteStates, listen: Address) -> None:
+        self.holder.controller.follow(states)
+        await self.server.start(listen.host, listen.port, reuse_port=True)
+        send(self.writer, ("ready", os.getpid()))
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            # A terminal's Ctrl-C or hang-up reaches the whole process group: the supervisor
+            # decides, and passes SIGTERM on.
+            self.loop.add_signal_handler(signum, lambda: None)
+        self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        listening = self.loop.create_task(self._listen())
+        reporting = self.loop.create_task(self._report_forever())
+        await self.stopping.wait()
+        for task in (listening, reporting):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.shutdown(self.holder.current.config.timeouts.shutdown)
+        self._report()  # the last counts, after the drain
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+        self.writer.close()
+
+    async def _listen(self) -> None:
+        try:
+            while True:
+                self.apply(await receive(self.reader))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.error("worker %d: the supervisor has gone; draining and stopping", os.getpid())
+            self.stopping.set()
+
+    def apply(self, message: object) -> None:
+        match message:
+            case ("config", Config() as config, dict() as states, _):
+                try:
+                    self.holder.swap(config)
+                except Exception:  # the supervisor built it already; keep serving the old one
+                    log.exception("worker %d: cannot apply the new config", os.getpid())
+                    return
+                self.holder.controller.follow(states)
+            case ("states", dict() as states):
+                self.holder.controller.follow(states)
+            case _:
+                log.error("worker %d: unknown message from the supervisor", os.getpid())
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_SECONDS)
+            self._report()
+
+    def _report_soon(self) -> None:
+        if not self._report_pending:
+            self._report_pending = True
+            wait = self._reported_at + MIN_REPORT_GAP_SECONDS - self.loop.time()
+            self.loop.call_later(max(0.0, wait), self._report)
+
+    def _report(self) -> None:
+        self._report_pending = False
+        self._reported_at = self.loop.time()
+        if self.writer.is_closing():
+            return
+        send(self.writer, ("report", self.collect()))
+
+    def collect(self) -> Report:
+        """The counters' change since the previous report, and the drained tallies."""
+        recorder = self.holder.outcomes
+        stats: list[tuple[str, str, StatsDelta]] = []
+        sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
+        for route, version, current in recorder.series():
+            was = self._sent.get((route, version))
+            # A series the config dropped and brought back (even between two reports) is a
+            # new object that starts from zero.
+            before = was[1] if was is not None and was[0] is current else VersionStats()
+            delta = current.since(before)
+            if delta is not None:
+                stats.append((route, version, delta))
+            sent[(route, version)] = (current, current.copy() if delta is not None else before)
+        self._sent = sent
+        rejected = recorder.rejected_since(self._sent_rejected)
+        self._sent_rejected = dict(recorder.rejected)
+        tallies: list[Tallied] = []
+        for name, live in self.holder.controller.live.items():
+            for canary, evidence in ((False, live.stable_evidence), (True, live.canary_evidence)):
+                if isinstance(evidence, Tally) and (counts := evidence.drain()) is not None:
+                    tallies.append(
+                        (name, live.epoch, canary, counts.requests, counts.errors, counts.buckets)
+                    )
+        return Report(stats, rejected, tallies, len(self.server.connections))
+
+
+async def run_worker(fd: int) -> None:
+    """The `worker` command: talk to the supervisor over the inherited socket `fd`."""
+    channel = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    match await receive(reader):
+        case ("config", Config() as config, dict() as states, Address() as listen):
+            pass
+        case _:
+            raise RuntimeError("the supervisor's first message must be the config")
+    worker = Worker(reader, writer, config)
+    await worker.serve(states, listen)
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    """The supervisor's view of one worker slot."""
+
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    pid: int | None = None
+    connections: int = 0
+    requests: int = 0  # responses this slot's processes reported, over all its restarts
+    restarts: int = 0
+    started_at: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "ready": self.ready.is_set(),
+            "connections": self.connections,
+            "requests": self.requests,
+            "restarts": self.restarts,
+        }
+
+
+class WorkerPool:
+    """Starts, feeds, hears from and restarts the workers (in the supervisor)."""
+
+    def __init__(self, holder: RuntimeHolder, count: int) -> None:
+        self.holder = holder
+        self.count = count
+        self.loop = asyncio.get_running_loop()
+        self.workers = [WorkerHandle(index) for index in range(count)]
+        self.listen: Address | None = None
+        self.stopping = False
+        self._placeholder: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._states_pending = False
+        # Set if a worker dies before the first start is complete: fail fast, don't retry.
+        self._start_failed: asyncio.Future[str] | None = None
+
+    async def start(self, listen: Address) -> tuple[str, int]:
+        self.listen = self._reserve(listen)
+        self._start_failed = self.loop.create_future()
+        self._tasks = [self.loop.create_task(self._keep_running(w)) for w in self.workers]
+        all_ready = asyncio.ensure_future(
+            asyncio.gather(*(worker.ready.wait() for worker in self.workers))
+        )
+        done, _ = await asyncio.wait(
+            (all_ready, self._start_failed),
+            timeout=START_TIMEOUT_SECONDS,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        failed = self._start_failed
+        self._start_failed = None
+        if all_ready not in done:
+            all_ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await all_ready
+            why = failed.result() if failed.done() else f"not within {START_TIMEOUT_SECONDS:g}s"
+            await self.stop(0.0)
+            raise RuntimeError(f"workers did not start listening on {listen}: {why}")
+        failed.cancel()
+        return self.listen.host, self.listen.port
+
+    def _reserve(self, listen: Address) -> Address:
+        """Port 0 means "any": bind one socket (never listening, so the kernel gives it no
+        connections) to learn the port every worker then binds, and keep it bound so a
+        restarted worker finds the same port free."""
+        if listen.port != 0:
+            return listen
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        placeholder = socket.socket(family, socket.SOCK_STREAM)
+        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        placeholder.bind((listen.host, 0))
+        self._placeholder = placeholder
+        return Address(host=listen.host, port=int(placeholder.getsockname()[1]))
+
+    async def _keep_running(self, worker: WorkerHandle) -> None:
+        backoff = FIRST_BACKOFF_SECONDS
+        while not self.stopping:
+            try:
+                code: int | None = await self._run_once(worker)
+            except OSError as error:
+                log.error("cannot start worker %d: %s", worker.index, error)
+                code = None
+            if self.stopping:
+                return
+            starting = self._start_failed
+            if starting is not None and not starting.done() and not worker.ready.is_set():
+                starting.set_result(f"worker {worker.index} exited with {_exit_text(code)}")
+                return
+            worker.restarts += 1
+            if self.loop.time() - worker.started_at >= STABLE_UPTIME_SECONDS:
+                backoff = FIRST_BACKOFF_SECONDS
+            log.error(
+                "worker %d (pid %s) exited with %s; starting it again in %.1fs",
+                worker.index,
+                worker.pid,
+                _exit_text(code),
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _run_once(self, worker: WorkerHandle) -> int | None:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy",
+                "worker",
+                "--fd",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        worker.process, worker.writer, worker.pid = process, writer, process.pid
+        worker.started_at = self.loop.time()
+        worker.ready.clear()
+        assert self.listen is not None
+        send(writer, ("config", self.holder.current.config, self._states(), self.listen))
+        try:
+            while True:
+                self._heard(worker, await receive(reader))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker has gone
+        finally:
+            worker.writer = None
+            worker.connections = 0
+            worker.ready.clear()
+            writer.close()
+        return await process.wait()
+
+    def _heard(self, worker: WorkerHandle, message: object) -> None:
+        match message:
+            case ("report", Report() as report):
+                self.add(report)
+                worker.connections = report.connections
+                worker.requests += sum(sum(d[0].values()) for _, _, d in report.stats)
+            case ("ready", int()):
+                worker.ready.set()
+            case _:
+                log.error("worker %d sent an unknown message", worker.index)
+
+    def add(self, report: Report) -> None:
+        """A worker's counts join the supervisor's: metrics, then the guard's windows; canary
+        errors are judged at once."""
+        holder = self.holder
+        routes = holder.current.routes
+        for route, version, delta in report.stats:
+            if route in routes:  # a route a reload removed has no series any more
+                holder.outcomes.stats_for(route, version).add(delta)
+        holder.outcomes.add_rejected(report.rejected)
+        controller = holder.controller
+        judge: set[str] = set()
+        for route, epoch, canary, requests, errors, buckets in report.tallies:
+            controller.add_tally(route, epoch, canary, _counts(requests, errors, buckets))
+            if canary and errors:
+                judge.add(route)
+        for route in judge:
+            controller.assess_route(route)
+
+    # -- telling the workers -------------------------------------------------------------------
+
+    def _states(self) -> RouteStates:
+        return self.holder.controller.route_states()
+
+    def states_changed(self) -> None:
+        """The controller decided something: every worker hears of it (coalesced, so one
+        burst of decisions is one message)."""
+        if not self._states_pending:
+            self._states_pending = True
+            self.loop.call_soon(self._send_states)
+
+    def _send_states(self) -> None:
+        self._states_pending = False
+        self._broadcast(("states", self._states()))
+
+    def config_changed(self) -> None:
+        self._broadcast(("config", self.holder.current.config, self._states(), self.listen))
+
+    def _broadcast(self, message: object) -> None:
+        for worker in self.workers:
+            if worker.writer is not None and not worker.writer.is_closing():
+                send(worker.writer, message)
+
+    # -- views and stopping --------------------------------------------------------------------
+
+    def connections(self) -> int:
+        return sum(worker.connections for worker in self.workers)
+
+    def status(self) -> list[dict[str, object]]:
+        return [worker.as_dict() for worker in self.workers]
+
+    async def stop(self, drain_seconds: float) -> None:
+        """SIGTERM every worker (each drains for up to `drain_seconds`), wait, then SIGKILL
+        what is left."""
+        self.stopping = True
+        processes = [w.process for w in self.workers if w.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        waiting = [asyncio.ensure_future(process.wait()) for process in processes]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=drain_seconds + 5.0)
+            for process in processes:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            if late:
+                await asyncio.wait(late)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._placeholder is not None:
+            self._placeholder.close()
+
+
+def _counts(requests: int, errors: int, buckets: tuple[tuple[int, int], ...]) -> TallyCounts:
+    return TallyCounts(requests=requests, errors=errors, buckets=buckets)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

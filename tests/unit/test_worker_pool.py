@@ -1,0 +1,456 @@
+"""Workers and their supervisor, in one process: the channel's framing, what a worker reports,
+and how the supervisor adds reports up — one guard and one set of counters for all workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from bisect import bisect_left
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from time import monotonic
+from typing import cast
+
+import pytest
+from configs import guarded
+
+from proxy.config import Config, Upstream
+from proxy.controller import RouteStates
+from proxy.metrics import DURATION_BUCKETS, StatsDelta, VersionStats
+from proxy.runtime import RouteRuntime, RuntimeHolder
+from proxy.window import LATENCY_BOUNDS, Tally
+from proxy.workers import Report, Worker, WorkerPool, receive, send, worker_count
+
+FAST = 0.01  # seconds: every response of these tests lands in one latency bucket
+FAST_BUCKET = 22  # its index into LATENCY_BOUNDS
+V3 = {"upstreams": ["http://127.0.0.1:9002"], "revision": "v3"}
+
+
+def config(**route: object) -> Config:
+    return guarded("127.0.0.1:0", **route)
+
+
+def shop(holder: RuntimeHolder) -> RouteRuntime:
+    return holder.current.routes["shop"]
+
+
+def tally(evidence: object) -> Tally:
+    assert isinstance(evidence, Tally)
+    return evidence
+
+
+def serve(worker: Worker, *, ok: int, errors: int, version: str = "canary") -> None:
+    """Count responses the way a worker's data path does: stats, then the route's tally."""
+    route = shop(worker.holder)
+    canary = version == "canary"
+    stats = route.canary_stats if canary else route.stable_stats
+    evidence = tally(route.state.canary_evidence if canary else route.state.stable_evidence)
+    for error in [False] * ok + [True] * errors:
+        stats.observe(503 if error else 200, FAST)
+        evidence.record(monotonic(), error=error, latency=FAST)
+        if error and canary:
+            worker.holder.controller.canary_failed(route)
+
+
+def report(*tallies: tuple[str, int, bool, int, int]) -> Report:
+    """A report of tallies alone (route, epoch, canary?, requests, errors), all fast."""
+    return Report(
+        stats=[],
+        rejected={},
+        tallies=[(r, e, c, n, err, ((FAST_BUCKET, n),)) for r, e, c, n, err in tallies],
+        connections=0,
+    )
+
+
+def delta(codes: dict[int, int], duration: float = FAST) -> StatsDelta:
+    stats = VersionStats()
+    for code, n in codes.items():
+        for _ in range(n):
+            stats.observe(code, duration)
+    found = stats.since(VersionStats())
+    assert found is not None
+    return found
+
+
+@contextlib.asynccontextmanager
+async def channel() -> AsyncIterator[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamWriter]
+]:
+    """Both ends of a socket pair as streams: (reader, writer) of one side, then the other's."""
+    ours, theirs = socket.socketpair()
+    our_reader, our_writer = await asyncio.open_unix_connection(sock=ours)
+    their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+    try:
+        yield our_reader, our_writer, their_reader, their_writer
+    finally:
+        for writer in (our_writer, their_writer):
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    worker_config: Config, states: RouteStates | None = None
+) -> AsyncIterator[Worker]:
+    """A worker built in this process, following `states` if given (as `serve` does)."""
+    async with channel() as (reader, writer, _, _):
+        worker = Worker(reader, writer, worker_config)
+        if states is not None:
+            worker.holder.controller.follow(states)
+        yield worker
+
+
+# -- the channel ---------------------------------------------------------------------------------
+
+
+async def test_messages_cross_a_socket_pair_whole_and_in_order() -> None:
+    large = ("big", b"x" * 3_000_000)  # far more than one read of the socket
+    stats_report = Report([("shop", "canary", delta({200: 2}))], {400: 1}, [], 3)
+    messages: list[object] = [
+        ("ready", 1234),
+        large,
+        ("report", stats_report),
+        ("config", config(), {"shop": (1000, False, 1)}, config().listen),
+        ("states", {}),
+    ]
+    async with channel() as (_, writer, reader, _):
+        for message in messages:
+            send(writer, message)
+        received = [await asyncio.wait_for(receive(reader), timeout=5) for _ in messages]
+    assert received == messages
+
+
+async def test_receiving_from_a_side_that_has_gone_raises_incomplete_read() -> None:
+    async with channel() as (_, writer, reader, _):
+        send(writer, ("states", {}))
+        writer.close()
+        assert await receive(reader) == ("states", {})
+        with pytest.raises(asyncio.IncompleteReadError):
+            await receive(reader)
+
+
+async def test_a_message_cut_off_mid_frame_is_an_incomplete_read() -> None:
+    async with channel() as (_, writer, reader, _):
+        writer.write((100).to_bytes(4, "big") + b"too short")
+        writer.close()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await receive(reader)
+
+
+def test_auto_is_one_worker_per_cpu_this_process_may_run_on_and_a_number_is_that_many(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert worker_count(3) == 3
+    assert worker_count(1) == 1
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})  # e.g. taskset 0x25
+    assert worker_count("auto") == 3
+
+
+# -- what a worker reports -----------------------------------------------------------------------
+
+
+async def test_a_worker_reports_its_counts_and_tallies_since_the_previous_report() -> None:
+    async with in_process(config()) as worker:
+        epoch = shop(worker.holder).state.epoch
+        serve(worker, ok=3, errors=1)
+        serve(worker, ok=2, errors=0, version="stable")
+        shop(worker.holder).canary_stats.upstream_error("connect")
+        worker.holder.outcomes.record_rejected(400)
+        worker.holder.outcomes.record_rejected(400)
+
+        first = worker.collect()
+        assert [(r, v, d[0], d[3]) for r, v, d in first.stats] == [
+            ("shop", "canary", {200: 3, 503: 1}, {"connect": 1}),
+            ("shop", "stable", {200: 2}, {}),
+        ]
+        canary_delta = first.stats[0][2]
+        assert canary_delta[1][DURATION_BUCKETS.index(FAST)] == 4
+        assert canary_delta[2] == pytest.approx(4 * FAST)
+        assert first.rejected == {400: 2}
+        assert sorted(first.tallies) == [
+            ("shop", epoch, False, 2, 0, ((FAST_BUCKET, 2),)),
+            ("shop", epoch, True, 4, 1, ((FAST_BUCKET, 4),)),
+        ]
+        assert first.connections == 0
+
+        assert worker.collect() == Report(stats=[], rejected={}, tallies=[], connections=0)
+
+        serve(worker, ok=1, errors=0, version="stable")
+        worker.holder.outcomes.record_rejected(431)
+        third = worker.collect()
+        assert [(r, v, d[0]) for r, v, d in third.stats] == [("shop", "stable", {200: 1})]
+        assert third.rejected == {431: 1}
+        assert third.tallies == [("shop", epoch, False, 1, 0, ((FAST_BUCKET, 1),))]
+
+
+async def test_a_reports_tally_carries_the_epoch_its_supervisor_gave() -> None:
+    async with in_process(config(), {"shop": (1000, False, 41)}) as worker:
+        serve(worker, ok=1, errors=1)
+        assert [t[:2] for t in worker.collect().tallies] == [("shop", 41)]
+
+
+async def test_what_an_old_epochs_tally_counted_is_never_reported() -> None:
+    async with in_process(config()) as worker:
+        epoch = shop(worker.holder).state.epoch
+        serve(worker, ok=5, errors=5)
+        worker.apply(("states", {"shop": (1000, False, epoch + 1)}))
+        serve(worker, ok=1, errors=0)
+        assert worker.collect().tallies == [("shop", epoch + 1, True, 1, 0, ((FAST_BUCKET, 1),))]
+
+
+async def test_a_route_without_a_guard_reports_stats_but_no_tallies() -> None:
+    async with in_process(config(guard=None)) as worker:
+        route = shop(worker.holder)
+        assert route.state.canary_evidence is None
+        route.canary_stats.observe(200, FAST)
+        collected = worker.collect()
+        assert [(r, v, d[0]) for r, v, d in collected.stats] == [("shop", "canary", {200: 1})]
+        assert collected.tallies == []
+
+
+async def test_a_route_dropped_and_added_again_between_reports_counts_from_zero() -> None:
+    async with in_process(config()) as worker:
+        for _ in range(3):
+            shop(worker.holder).canary_stats.observe(200, FAST)
+        worker.collect()
+        worker.apply(("config", config(name="blog"), {}, None))
+        worker.apply(("config", config(), {}, None))  # two reloads within one report interval
+        for _ in range(2):
+            shop(worker.holder).canary_stats.observe(200, FAST)
+        assert [(r, v, d[0]) for r, v, d in worker.collect().stats] == [
+            ("shop", "canary", {200: 2})
+        ]
+
+
+async def test_a_route_dropped_and_added_again_across_reports_counts_from_zero() -> None:
+    async with in_process(config()) as worker:
+        for _ in range(3):
+            shop(worker.holder).canary_stats.observe(200, FAST)
+        worker.collect()
+        worker.apply(("config", config(name="blog"), {}, None))
+        worker.collect()
+        worker.apply(("config", config(), {}, None))
+        for _ in range(2):
+            shop(worker.holder).canary_stats.observe(200, FAST)
+        assert [(r, v, d[0]) for r, v, d in worker.collect().stats] == [
+            ("shop", "canary", {200: 2})
+        ]
+
+
+# -- what a worker is told -----------------------------------------------------------------------
+
+
+async def test_a_worker_takes_its_supervisors_weights_and_aborts() -> None:
+    async with in_process(config()) as worker:
+        route = shop(worker.holder)
+        worker.apply(("states", {"shop": (0, True, route.state.epoch)}))
+        assert (route.state.weight_bp, route.state.aborted) == (0, True)
+        worker.apply(("states", {"shop": (2500, False, route.state.epoch)}))
+        assert (route.state.weight_bp, route.state.aborted) == (2500, False)
+
+
+async def test_canary_errors_send_one_report_at_once_without_waiting_for_the_interval() -> None:
+    async with channel() as (reader, writer, supervisor, _):
+        worker = Worker(reader, writer, config())
+        epoch = shop(worker.holder).state.epoch
+        serve(worker, ok=2, errors=3)  # three errors, one report
+        message = await asyncio.wait_for(receive(supervisor), timeout=5)
+        assert isinstance(message, tuple)
+        kind, sent = message
+        assert kind == "report"
+        assert isinstance(sent, Report)
+        assert sent.tallies == [("shop", epoch, True, 5, 3, ((FAST_BUCKET, 5),))]
+        send(writer, "marker")
+        assert await asyncio.wait_for(receive(supervisor), timeout=5) == "marker"
+        assert worker.collect().tallies == []  # the report took them
+
+
+async def test_a_new_config_and_its_states_are_applied_together() -> None:
+    async with in_process(config()) as worker:
+        epoch = shop(worker.holder).state.epoch
+        new = config(canary=V3, split={"weight": 50})
+        worker.apply(("config", new, {"shop": (0, True, epoch + 5)}, new.listen))
+        route = shop(worker.holder)
+        assert worker.holder.current.config is new
+        assert route.route.canary is not None
+        assert route.route.canary.revision == "v3"
+        assert (route.state.weight_bp, route.state.aborted, route.state.epoch) == (
+            0,
+            True,
+            epoch + 5,
+        )
+
+
+async def test_a_config_a_worker_cannot_build_leaves_it_on_the_old_one_and_its_states(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with in_process(config()) as worker:
+        old = worker.holder.current.config
+        before = worker.holder.controller.route_states()
+        (route,) = config(canary=V3).routes
+        broken = replace(route, stable=replace(route.stable, upstreams=(cast(Upstream, None),)))
+        new = replace(old, routes=(broken,))  # the runtime cannot be built from it
+        with caplog.at_level(logging.ERROR, logger="canary_proxy"):
+            worker.apply(("config", new, {"shop": (0, True, 9)}, new.listen))
+        assert "cannot apply the new config" in caplog.text
+        assert worker.holder.current.config is old
+        assert worker.holder.controller.route_states() == before
+
+
+async def test_a_message_a_worker_does_not_know_is_logged_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with in_process(config()) as worker:
+        before = worker.holder.controller.route_states()
+        with caplog.at_level(logging.ERROR, logger="canary_proxy"):
+            worker.apply(("weights", {"shop": (0, True, 1)}))
+        assert "unknown message" in caplog.text
+        assert worker.holder.controller.route_states() == before
+
+
+# -- the supervisor adds reports up --------------------------------------------------------------
+
+
+async def test_two_workers_below_min_requests_alone_trip_one_guard_together() -> None:
+    leader = RuntimeHolder(config())  # min_requests 20, max_error_rate 5 %
+    pool = WorkerPool(leader, 2)
+    states = leader.controller.route_states()
+    async with in_process(config(), states) as one, in_process(config(), states) as two:
+        serve(one, ok=8, errors=2)  # 10 requests: too few to judge, in either worker
+        serve(two, ok=8, errors=2)
+        pool.add(one.collect())
+        live = shop(leader).state
+        assert not live.aborted
+        assert live.assessment is not None
+        assert live.assessment.verdict == "inconclusive"  # judged on arrival: it had errors
+        pool.add(two.collect())
+        assert live.aborted  # 4 errors in 20 requests, over both workers
+        assert live.weight_bp == 0
+        assert leader.outcomes.rollbacks == {("shop", "error_rate"): 1}
+        for worker in (one, two):  # the next states message reaches every worker
+            worker.apply(("states", leader.controller.route_states()))
+            assert (shop(worker.holder).state.weight_bp, shop(worker.holder).state.aborted) == (
+                0,
+                True,
+            )
+
+
+async def test_a_report_with_canary_errors_is_judged_on_arrival_and_one_without_is_not() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 1)
+    live = shop(leader).state
+    pool.add(report(("shop", live.epoch, True, 30, 0), ("shop", live.epoch, False, 30, 30)))
+    assert live.assessment is None  # left for the tick
+    assert not live.aborted
+    pool.add(report(("shop", live.epoch, True, 1, 1)))
+    assert live.assessment is not None
+    assert live.assessment.verdict == "healthy"  # 1 error in 31 requests
+    pool.add(report(("shop", live.epoch, True, 10, 10)))
+    assert live.aborted
+
+
+async def test_slow_canary_responses_reported_by_workers_trip_the_guard_on_the_tick() -> None:
+    leader = RuntimeHolder(
+        config(guard={"window": "10s", "min_requests": 20, "max_p99_latency": "500ms"})
+    )
+    pool = WorkerPool(leader, 2)
+    live = shop(leader).state
+    slow = bisect_left(LATENCY_BOUNDS, 2.0)
+    for _ in range(2):  # two workers, 15 slow responses each, no errors
+        pool.add(Report([], {}, [("shop", live.epoch, True, 15, 0, ((slow, 15),))], 0))
+    assert not live.aborted  # no error: left for the tick
+    leader.controller.tick(leader.canary_stats)
+    assert live.aborted
+    assert leader.outcomes.rollbacks == {("shop", "latency"): 1}
+
+
+async def test_a_report_of_an_old_epoch_is_ignored() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 1)
+    live = shop(leader).state
+    leader.controller.act("shop", "abort", leader.canary_stats("shop"), reason="bad")
+    old = live.epoch
+    leader.controller.act("shop", "retry", leader.canary_stats("shop"))
+    pool.add(report(("shop", old, True, 40, 40), ("shop", old, False, 40, 0)))
+    assert not live.aborted
+    assert live.canary_window is not None
+    assert live.stable_window is not None
+    assert live.canary_window.snapshot(monotonic()).requests == 0
+    assert live.stable_window.snapshot(monotonic()).requests == 0
+    pool.add(report(("shop", live.epoch, True, 40, 40)))  # the current epoch does count
+    assert live.aborted
+
+
+async def test_a_report_for_a_route_no_longer_in_the_config_adds_no_series() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 1)
+    epoch = shop(leader).state.epoch
+    leader.swap(config(name="blog"))
+    late = Report(
+        stats=[("shop", "canary", delta({503: 4})), ("blog", "stable", delta({200: 1}))],
+        rejected={},
+        tallies=[("shop", epoch, True, 40, 40, ((FAST_BUCKET, 40),))],
+        connections=1,
+    )
+    pool.add(late)
+    assert {route for route, _, _ in leader.outcomes.series()} == {"blog"}
+    assert leader.outcomes.requests == {("blog", "stable", 200): 1}
+    assert "shop" not in leader.controller.live
+
+
+async def test_every_workers_counts_add_up_in_the_supervisors_recorder() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 2)
+    states = leader.controller.route_states()
+    async with in_process(config(), states) as one, in_process(config(), states) as two:
+        workers = (one, two)
+        for round_ in range(3):
+            for index, worker in enumerate(workers):
+                serve(worker, ok=index + 1, errors=0, version="stable")
+                serve(worker, ok=1, errors=0)
+                shop(worker.holder).stable_stats.observe(404, 0.2 * (round_ + 1))
+                shop(worker.holder).stable_stats.upstream_error("timeout")
+                worker.holder.outcomes.record_rejected(400)
+                pool.add(worker.collect())
+            pool.add(one.collect())  # nothing new: adds nothing
+        for version in ("stable", "canary"):
+            total = leader.outcomes.stats_for("shop", version)
+            each = [w.holder.outcomes.stats_for("shop", version) for w in workers]
+            assert total.codes == {
+                code: sum(s.codes.get(code, 0) for s in each)
+                for code in set().union(*(s.codes for s in each))
+            }
+            assert total.buckets == [sum(b) for b in zip(*(s.buckets for s in each), strict=True)]
+            assert total.duration_sum == pytest.approx(sum(s.duration_sum for s in each))
+            assert total.upstream_errors == {
+                kind: sum(s.upstream_errors[kind] for s in each) for kind in total.upstream_errors
+            }
+        assert leader.outcomes.requests == {
+            ("shop", "stable", 200): 9,
+            ("shop", "stable", 404): 6,
+            ("shop", "canary", 200): 6,
+        }
+        assert leader.outcomes.upstream_errors == {("shop", "stable", "timeout"): 6}
+        assert leader.outcomes.rejected == {400: 6}
+        # One guard: the tallies of both workers are in the supervisor's windows.
+        live = shop(leader).state
+        assert live.stable_window is not None
+        assert live.canary_window is not None
+        assert live.stable_window.snapshot(monotonic()).requests == 9
+        assert live.canary_window.snapshot(monotonic()).requests == 6
+        assert live.canary_window.snapshot(monotonic()).p99 == LATENCY_BOUNDS[FAST_BUCKET]
+
+
+async def test_counts_added_from_reports_survive_a_reload_that_keeps_the_route() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 1)
+    pool.add(Report([("shop", "canary", delta({200: 2}))], {}, [], 0))
+    leader.swap(config(split={"weight": 20}))
+    pool.add(Report([("shop", "canary", delta({200: 3}))], {}, [], 0))
+    assert leader.outcomes.requests == {("shop", "canary", 200): 5}
+    assert shop(leader).canary_stats.requests == 5  # the data path's object is the same one
