@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from loadgen import parse_head
+from processes import group_pids
 from targets import Target
 
 SETTLE_SECONDS: Final = 1.0  # after the last change, before reading RSS
@@ -31,7 +32,7 @@ class IdleFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdleResult:
-    target: str
+    target: str  # the row's name: `nginx`, or `nginx x2` in a run of several worker counts
     processes: str  # which processes the RSS sums, e.g. "nginx: master process + worker"
     connections: int
     still_open: int  # of `connections`, still open when the RSS after was read
@@ -39,6 +40,7 @@ class IdleResult:
     rss_after_kb: int
     rss_closed_kb: int  # after closing them all again
     per_connection_kb: float
+    workers: int | None = None  # the proxy's worker count (processes or threads)
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -68,7 +70,7 @@ def measure(target: Target, *, path: str, count: int) -> IdleResult:
                 held.append(_open_idle(target.port, path))
             except (OSError, ValueError) as error:
                 raise IdleFailed(
-                    f"{target.name}: idle connection {number + 1}/{count} failed: {error}"
+                    f"{target.label}: idle connection {number + 1}/{count} failed: {error}"
                 ) from error
         time.sleep(SETTLE_SECONDS)
         after = group_rss_kb(pgid)
@@ -79,7 +81,7 @@ def measure(target: Target, *, path: str, count: int) -> IdleResult:
     time.sleep(SETTLE_SECONDS)
     closed = group_rss_kb(pgid)
     return IdleResult(
-        target=target.name,
+        target=target.label,
         processes=processes_label(pgid),
         connections=count,
         still_open=still_open,
@@ -87,6 +89,7 @@ def measure(target: Target, *, path: str, count: int) -> IdleResult:
         rss_after_kb=after,
         rss_closed_kb=closed,
         per_connection_kb=(after - before) / count,
+        workers=target.workers,
     )
 
 
@@ -135,21 +138,6 @@ def _is_open(sock: socket.socket) -> bool:
 # --- the resident set of a process group --------------------------------------------------
 
 
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
 def rss_kb(pid: int) -> int:
     """VmRSS of one process, in KiB (what /proc calls kB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -166,14 +154,24 @@ def group_rss_kb(pgid: int) -> int:
 
 
 def processes_label(pgid: int) -> str:
-    """What the RSS sums, e.g. `nginx: master process + nginx: worker process`."""
-    labels = []
-    for pid in group_pids(pgid):
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except OSError:
-            continue
-        # nginx retitles its processes "nginx: master process ..." / "nginx: worker process".
-        labels.append(argv.split(" /", 1)[0].strip() if argv.startswith(f"{comm}:") else comm)
-    return " + ".join(labels) if labels else "?"
+    """What the RSS sums, e.g. `nginx: master process + 2 x nginx: worker process`."""
+    labels = [label for pid in group_pids(pgid) if (label := _process_label(pid))]
+    counted = {label: labels.count(label) for label in labels}  # in order of first pid
+    parts = [label if n == 1 else f"{n} x {label}" for label, n in counted.items()]
+    return " + ".join(parts) if parts else "?"
+
+
+def _process_label(pid: int) -> str | None:
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        args = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    # nginx retitles its processes "nginx: master process ..." / "nginx: worker process".
+    if args[0].startswith(f"{comm}:"):
+        return args[0].split(" /", 1)[0].strip()
+    # canary-proxy's workers: `python3 -m proxy worker --fd K`.
+    if "-m" in args[:-2]:
+        module = args.index("-m")
+        return " ".join([comm, *args[module : module + 3]])
+    return comm

@@ -7,9 +7,11 @@ end, on an error or on Ctrl-C — stops every process group that was started, ne
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, suppress
@@ -44,9 +46,14 @@ def free_port() -> int:
         return port
 
 
-def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
-    """`argv` run under `taskset`, so it and every child it forks stay on one core."""
-    return ["taskset", "-c", str(cpu), *argv]
+def pinned(cpus: int | Sequence[int], argv: Sequence[str]) -> list[str]:
+    """`argv` run under `taskset`, so it and every child it forks stay on those cores."""
+    return ["taskset", "-c", cpu_list(cpus), *argv]
+
+
+def cpu_list(cpus: int | Sequence[int]) -> str:
+    """taskset's spelling of a set of cores: `1`, `0,1`."""
+    return str(cpus) if isinstance(cpus, int) else ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def pin_self(cpu: int) -> set[int]:
@@ -57,9 +64,10 @@ def pin_self(cpu: int) -> set[int]:
 
 
 def launch(
-    stack: ExitStack, *, name: str, argv: Sequence[str], cpu: int, log_path: Path
+    stack: ExitStack, *, name: str, argv: Sequence[str], cpu: int | Sequence[int], log_path: Path
 ) -> Running:
-    """Start `argv` pinned to `cpu` in a new session; the stack stops it on exit."""
+    """Start `argv` pinned to `cpu` (one core or several) in a new session; the stack stops
+    it, and every process of its group, on exit."""
     with log_path.open("wb") as log:
         popen = subprocess.Popen(
             pinned(cpu, argv),
@@ -74,15 +82,27 @@ def launch(
 
 
 def stop(running: Running) -> None:
-    """SIGTERM the whole process group, then SIGKILL whatever outlives the grace period."""
-    _signal_group(running.popen.pid, signal.SIGTERM)
+    """SIGTERM the whole process group, then SIGKILL whatever outlives the grace period.
+
+    The group is the leader and every child it started without a session of its own: nginx's
+    workers, canary-proxy's worker processes (`python -m proxy worker`). Returns once no
+    process of the group is left, so the next target never shares the cores with a straggler.
+    """
+    pgid = running.popen.pid
+    _signal_group(pgid, signal.SIGTERM)
     try:
         running.popen.wait(timeout=STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        _signal_group(running.popen.pid, signal.SIGKILL)
+        _signal_group(pgid, signal.SIGKILL)
         running.popen.wait(timeout=STOP_GRACE_SECONDS)
-    # The leader may be gone while a forked worker lingers (nginx): make sure of the group.
-    _signal_group(running.popen.pid, signal.SIGKILL)
+    # The leader may be gone while a child lingers (a worker still draining): SIGKILL the
+    # group, and wait until the kernel has reaped the last of it.
+    _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(READY_POLL_SECONDS)
+    if left:  # only a process stuck in the kernel (state D) survives SIGKILL that long
+        print(f"bench: warning: {running.name}: pids {left} outlived SIGKILL", file=sys.stderr)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -100,6 +120,30 @@ def wait_for_port(running: Running, port: int, *, timeout: float) -> None:
             return
         time.sleep(READY_POLL_SECONDS)
     raise ProcessFailed(f"{running.name} not listening after {timeout:.0f}s:\n{log_tail(running)}")
+
+
+def wait_for_line(running: Running, pattern: re.Pattern[str], *, timeout: float) -> str:
+    """Return the first line of the process's log matching `pattern`, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find_line(running, pattern)
+        if found is not None:
+            return found
+        if not running.is_alive():
+            raise ProcessFailed(f"{running.name} exited early:\n{log_tail(running)}")
+        time.sleep(READY_POLL_SECONDS)
+    raise ProcessFailed(
+        f"{running.name} never logged {pattern.pattern!r} within {timeout:.0f}s:\n"
+        f"{log_tail(running)}"
+    )
+
+
+def find_line(running: Running, pattern: re.Pattern[str]) -> str | None:
+    try:
+        text = running.log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    return next((line for line in text.splitlines() if pattern.search(line)), None)
 
 
 def _accepts(port: int) -> bool:
@@ -122,3 +166,39 @@ def log_tail(running: Running) -> str:
     except OSError:
         return "  (no log)"
     return "\n".join(f"  {line}" for line in lines[-LOG_TAIL_LINES:]) or "  (empty log)"
+
+
+# --- a process group: its members, their memory and CPU time ------------------------------
+
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of group `pgid`, by pid; zombies (exited, not yet reaped) left out."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after "pid (comm) ": state ppid pgrp ... (field 3 of proc(5) first)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None  # gone meanwhile
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def group_cpu_seconds(pgid: int) -> dict[int, float]:
+    """CPU time (user + system) each process of the group has used so far, in seconds."""
+    used = {}
+    for pid in group_pids(pgid):
+        fields = _stat_fields(pid)
+        if fields is not None:  # utime and stime are proc(5) fields 14 and 15
+            used[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return used

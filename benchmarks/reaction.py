@@ -26,7 +26,7 @@ from typing import Final
 from loadgen import STATUS_FAILED, Outcome, PacedLoad
 from processes import ensure_alive
 from scenarios import CANARY_CONTROL_PREFIX, GUARD_WINDOW_SECONDS, Scenario
-from targets import Host, Target, problem_lines, smoke_check, start_guarded_proxy
+from targets import Host, Placement, Target, problem_lines, smoke_check, start_guarded_proxy
 
 ROUTE: Final = "bench"
 AUDIT_POLL_SECONDS: Final = 0.010
@@ -60,7 +60,7 @@ class ReactionRun:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReactionSummary:
-    target: str
+    target: str  # the row's name: `canary-proxy`, or `canary-proxy x2` in a run of several
     rate: int
     repeats: int
     sent_median: float  # req/s the load really sent: below `rate`, it could not keep up
@@ -70,6 +70,7 @@ class ReactionSummary:
     failed_max: int
     missed: int  # repeats with no rollback within REACTION_TIMEOUT_SECONDS
     runs: tuple[ReactionRun, ...]
+    workers: int = 1  # canary-proxy's worker processes
 
 
 def run(
@@ -77,12 +78,14 @@ def run(
     upstream: Target,
     canary: Target,
     scenario: Scenario,
+    placement: Placement,
     *,
     rates: Sequence[int],
     repeats: int,
     log: list[str],
 ) -> tuple[ReactionSummary, ...]:
     summaries = []
+    label = placement.label("canary-proxy")
     for rate in rates:
         runs = []
         for repeat in range(repeats):
@@ -90,6 +93,7 @@ def run(
                 proxy, audit = start_guarded_proxy(
                     stack,
                     host,
+                    placement,
                     name=f"guard-{rate}-{repeat + 1}",
                     stable_port=upstream.port,
                     canary_port=canary.port,
@@ -99,9 +103,12 @@ def run(
                 result = asyncio.run(_one(proxy, canary, audit, rate=rate, repeat=repeat))
                 ensure_alive(proxy.process)
                 log.extend(line for line in problem_lines(proxy) if not _is_rollback_note(line))
-            print(f"  {rate:>5,} req/s  repeat {repeat + 1}/{repeats}  {_progress(result)}")
+            print(
+                f"  {label:<15} {rate:>5,} req/s  repeat {repeat + 1}/{repeats}"
+                f"  {_progress(result)}"
+            )
             runs.append(result)
-        summaries.append(summarise("canary-proxy", rate, runs))
+        summaries.append(summarise(label, rate, runs, workers=placement.workers))
     return tuple(summaries)
 
 
@@ -110,7 +117,9 @@ def _is_rollback_note(line: str) -> bool:
     return f"route {ROUTE}: " in line and "-> aborted, weight 0%: guard:" in line
 
 
-def summarise(target: str, rate: int, runs: Sequence[ReactionRun]) -> ReactionSummary:
+def summarise(
+    target: str, rate: int, runs: Sequence[ReactionRun], *, workers: int = 1
+) -> ReactionSummary:
     times = [r.rollback_ms for r in runs if r.rollback_ms is not None]
     failed = [r.failed for r in runs]
     return ReactionSummary(
@@ -124,6 +133,7 @@ def summarise(target: str, rate: int, runs: Sequence[ReactionRun]) -> ReactionSu
         failed_max=max(failed, default=0),
         missed=len(runs) - len(times),
         runs=tuple(runs),
+        workers=workers,
     )
 
 

@@ -3,7 +3,9 @@
 One upstream (nginx, one worker) and wrk share the load core; each proxy under test has the
 proxy core to itself. Rounds are interleaved across targets; the table shows medians. Besides
 throughput: the memory of idle keep-alive clients, and canary-proxy's guard reacting to a
-canary that starts failing. See benchmarks/README.md for the method.
+canary that starts failing. `--workers 1,2` runs every proxy at each count too (canary-proxy
+`workers: N`, nginx `worker_processes N`, HAProxy `nbthread N`), an N > 1 on N cores. See
+benchmarks/README.md for the method.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -31,9 +35,9 @@ import report
 import toolchain
 import wrk
 from idle import IdleFailed, IdleResult
-from processes import ProcessFailed, ensure_alive, pin_self
+from processes import ProcessFailed, cpu_list, ensure_alive, group_cpu_seconds, pin_self
 from reaction import ReactionFailed, ReactionSummary
-from report import Summary
+from report import Summary, WorkerBalance
 from scenarios import (
     CANARY_WEIGHT,
     CLOSE_HEADER,
@@ -50,7 +54,9 @@ from scenarios import (
 from targets import (
     DISPLAY_NAMES,
     TARGET_KEYS,
+    TIMES,
     Host,
+    Placement,
     SmokeFailed,
     Target,
     TargetKey,
@@ -59,6 +65,7 @@ from targets import (
     start_fake_canary,
     start_target,
     start_upstream,
+    worker_status,
 )
 
 from proxy.app import data_plane_build
@@ -88,6 +95,7 @@ class Options:
     idle_connections: int = IDLE_CONNECTIONS
     guard_rates: tuple[int, ...] = GUARD_RATES
     guard_repeats: int = GUARD_REPEATS
+    workers: tuple[int, ...] = (1,)  # worker counts every proxy under test runs at, ascending
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +103,8 @@ class ScenarioResult:
     scenario: Scenario
     proxy_log: list[str]  # warnings and errors canary-proxy logged during the scenario
     summaries: tuple[Summary, ...] = ()  # throughput scenarios
-    rounds: dict[str, list[wrk.WrkReport]] | None = None
+    rounds: dict[str, list[wrk.WrkReport]] | None = None  # by row name (`nginx x2`)
+    balances: tuple[WorkerBalance, ...] = ()  # canary-proxy xN, N > 1: the work per worker
     idle: tuple[IdleResult, ...] = ()  # the idle scenario
     reaction: tuple[ReactionSummary, ...] = ()  # the guard scenario
     not_applicable: tuple[str, ...] = ()  # targets the scenario cannot measure (n/a rows)
@@ -117,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     parser.add_argument("--load-cpu", type=int, default=0, help="core for wrk and the upstream")
     parser.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma list of worker counts every proxy runs at, e.g. 1,2 (default 1); N > 1"
+        " pins the proxy to N cores, the proxy core first, the load core last",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
     parser.add_argument(
         "--idle-connections",
@@ -155,6 +170,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
             idle_connections=args.idle_connections,
             guard_rates=_rates(args.guard_rates),
             guard_repeats=args.guard_repeats,
+            workers=_worker_counts(args.workers),
         )
         _validate(options)
     except ValueError as error:
@@ -174,6 +190,16 @@ def _rates(text: str) -> tuple[int, ...]:
     if not rates or min(rates) < 1:
         raise ValueError("--guard-rates needs at least one rate of 1 req/s or more")
     return rates
+
+
+def _worker_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = {int(item) for item in _split(text)}
+    except ValueError:
+        raise ValueError(f"--workers must be whole numbers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError("--workers needs at least one count of 1 or more")
+    return tuple(sorted(counts))
 
 
 def _scenarios(text: str) -> tuple[Scenario, ...]:
@@ -213,6 +239,31 @@ def _validate(options: Options) -> None:
     for cpu in (options.load_cpu, options.proxy_cpu):
         if cpu not in usable:
             raise ValueError(f"core {cpu} is not usable here (usable: {sorted(usable)})")
+    if max(options.workers) > len(usable):
+        raise ValueError(
+            f"--workers {max(options.workers)}: only {len(usable)} usable cores here, and a"
+            " proxy running N workers gets N cores"
+        )
+
+
+def placements(options: Options) -> tuple[Placement, ...]:
+    """Each worker count with its cores. One worker: the proxy core alone, as always. N: N
+    cores, the proxy core first, then cores nobody else is pinned to, the load core last, so
+    on a 2-core machine x2 runs on cores 0,1 and shares the load core with wrk and the
+    upstream."""
+    labelled = options.workers != (1,)
+    return tuple(
+        Placement(workers=count, cpus=_proxy_cpus(options, count), labelled=labelled)
+        for count in options.workers
+    )
+
+
+def _proxy_cpus(options: Options, count: int) -> tuple[int, ...]:
+    if count == 1:
+        return (options.proxy_cpu,)
+    others = sorted(os.sched_getaffinity(0) - {options.proxy_cpu, options.load_cpu})
+    order = list(dict.fromkeys([options.proxy_cpu, *others, options.load_cpu]))
+    return tuple(sorted(order[:count]))
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -281,7 +332,6 @@ def _host(stack: ExitStack, tools: dict[str, str], options: Options) -> Host:
         tools=tools,
         workdir=workdir,
         canary_proxy=_canary_proxy_script(),
-        proxy_cpu=options.proxy_cpu,
         load_cpu=options.load_cpu,
     )
 
@@ -305,16 +355,72 @@ def _run_scenario(
     if scenario.kind == "reaction":
         return _run_reaction(host, upstream, scenario, options)
     with ExitStack() as stack:
-        targets = [start_target(stack, host, key, scenario, upstream) for key in options.targets]
+        targets = _start_targets(stack, host, upstream, scenario, options)
         for target in targets:
             smoke_check(target, scenario)
         rounds = _interleaved_rounds(host, targets, scenario, options)
-        proxy_log = [line for t in targets if t.name == "canary-proxy" for line in problem_lines(t)]
-    summaries = tuple(report.summarise(t.name, rounds[t.name]) for t in targets)
-    _print_scenario(summaries, proxy_log)
-    return ScenarioResult(
-        scenario=scenario, summaries=summaries, rounds=rounds, proxy_log=proxy_log
+        balances = tuple(
+            _balance(t, rounds[t.label])
+            for t in targets
+            if t.name == report.REFERENCE and (t.workers or 1) > 1
+        )
+        proxy_log = _proxy_log(targets, labelled=options.workers != (1,))
+    summaries = tuple(
+        report.summarise(t.label, rounds[t.label], name=t.name, workers=t.workers) for t in targets
     )
+    _print_scenario(summaries, proxy_log, balances)
+    return ScenarioResult(
+        scenario=scenario,
+        summaries=summaries,
+        rounds=rounds,
+        balances=balances,
+        proxy_log=proxy_log,
+    )
+
+
+def _start_targets(
+    stack: ExitStack, host: Host, upstream: Target, scenario: Scenario, options: Options
+) -> list[Target]:
+    """direct once (it has no workers), then every proxy at every worker count: all of them
+    take part in the same interleaved rounds."""
+    every = placements(options)
+    targets = []
+    if "direct" in options.targets:
+        targets.append(start_target(stack, host, "direct", scenario, upstream, placement=every[0]))
+    for placement in every:
+        proxies = (key for key in options.targets if key != "direct")
+        targets += [
+            start_target(stack, host, key, scenario, upstream, placement=placement)
+            for key in proxies
+        ]
+    return targets
+
+
+def _proxy_log(targets: Sequence[Target], *, labelled: bool) -> list[str]:
+    """canary-proxy's warnings and errors, prefixed with its row (`[canary-proxy x2]`) in a run
+    of several worker counts."""
+    ours = [t for t in targets if t.name == report.REFERENCE]
+    return [f"[{t.label}] {line}" if labelled else line for t in ours for line in problem_lines(t)]
+
+
+def _balance(target: Target, reports: Sequence[wrk.WrkReport]) -> WorkerBalance:
+    """The requests each worker served (the supervisor's admin view, so over the whole
+    scenario) and the CPU each process used during the measured runs (median)."""
+    status = worker_status(target) or []
+    per_process = [r.cpu_percent_by_process for r in reports if r.cpu_percent_by_process]
+    processes = min((len(p) for p in per_process), default=0)
+    medians = [statistics.median(p[i] for p in per_process) for i in range(processes)]
+    return WorkerBalance(
+        target=target.label,
+        requests=tuple(_whole(worker.get("requests")) for worker in status),
+        restarts=tuple(_whole(worker.get("restarts")) for worker in status),
+        cpu_percent_supervisor=medians[0] if medians else None,
+        cpu_percent_workers=tuple(medians[1:]),
+    )
+
+
+def _whole(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _interleaved_rounds(
@@ -328,11 +434,11 @@ def _interleaved_rounds(
         script=STICKY_SCRIPT if scenario.sticky else None,
         headers=(CLOSE_HEADER,) if scenario.close else (),
     )
-    rounds: dict[str, list[wrk.WrkReport]] = {t.name: [] for t in targets}
+    rounds: dict[str, list[wrk.WrkReport]] = {t.label: [] for t in targets}
     for number in range(options.rounds):
         shift = number % len(targets)
         for target in [*targets[shift:], *targets[:shift]]:
-            rounds[target.name].append(_measure(load, target, scenario, options, number))
+            rounds[target.label].append(_measure(load, target, scenario, options, number))
     return rounds
 
 
@@ -342,14 +448,35 @@ def _measure(
     url = target.url(scenario.path)
     if options.warmup > 0:
         wrk.run(load, url=url, seconds=options.warmup)  # not counted
+    pgid = target.process.popen.pid  # the target leads its process group
     opens = _tcp_active_opens() if scenario.close else None
+    cpu_before, started = group_cpu_seconds(pgid), time.monotonic()
     result = wrk.run(load, url=url, seconds=options.duration)
+    cpu_after, elapsed = group_cpu_seconds(pgid), time.monotonic() - started
     if opens is not None:
         after = _tcp_active_opens()
         result = replace(result, tcp_opens=None if after is None else after - opens)
+    per_process = _cpu_percent(pgid, cpu_before, cpu_after, elapsed)
+    result = replace(
+        result,
+        cpu_percent=sum(per_process) if per_process else None,
+        cpu_percent_by_process=per_process,
+    )
     ensure_alive(target.process)
-    print(f"  round {number + 1}/{options.rounds}  {_progress(target.name, result)}", flush=True)
+    print(f"  round {number + 1}/{options.rounds}  {_progress(target.label, result)}", flush=True)
     return result
+
+
+def _cpu_percent(
+    pgid: int, before: dict[int, float], after: dict[int, float], seconds: float
+) -> tuple[float, ...]:
+    """CPU each process of the group used over `seconds`, in % of one core: the leader first,
+    then the others by pid. A process started meanwhile counts from 0; one that exited
+    meanwhile is missing (and its CPU with it)."""
+    if seconds <= 0:
+        return ()
+    pids = sorted(after, key=lambda pid: (pid != pgid, pid))
+    return tuple(100 * (after[pid] - before.get(pid, 0.0)) / seconds for pid in pids)
 
 
 def _tcp_active_opens() -> int | None:
@@ -368,31 +495,33 @@ def _progress(name: str, result: wrk.WrkReport) -> str:
     opens = ""
     if result.tcp_opens is not None and result.requests:
         opens = f"  conn/req {result.tcp_opens / result.requests:.2f}"
+    cpu = "" if result.cpu_percent is None else f"  CPU {result.cpu_percent:3.0f} %"
     return (
-        f"{name:<13} {result.requests_per_second:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+        f"{name:<15} {result.requests_per_second:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
         f"  p99 {result.p99_ms:6.2f} ms  socket errors {result.socket_errors.total}"
-        f"  non-2xx {result.non_2xx}{opens}"
+        f"  non-2xx {result.non_2xx}{opens}{cpu}"
     )
 
 
 def _run_idle(host: Host, upstream: Target, scenario: Scenario, options: Options) -> ScenarioResult:
-    """Each proxy alone, started fresh: its RSS before and after the idle connections."""
+    """Each proxy alone, started fresh (at each worker count): its RSS before and after the
+    idle connections."""
     results: list[IdleResult] = []
     proxy_log: list[str] = []
     previous = pin_self(options.load_cpu)  # the client side, on the load core
     try:
-        for key in options.targets:
+        for placement, key in ((p, k) for p in placements(options) for k in options.targets):
             if key == "direct":
                 continue
             with ExitStack() as stack:
-                target = start_target(stack, host, key, scenario, upstream)
+                target = start_target(stack, host, key, scenario, upstream, placement=placement)
                 smoke_check(target, scenario)
                 result = idle.measure(target, path=scenario.path, count=options.idle_connections)
                 ensure_alive(target.process)
                 if target.name == report.REFERENCE:
-                    proxy_log += problem_lines(target)
+                    proxy_log += _proxy_log([target], labelled=placement.labelled)
             print(
-                f"  {result.target:<13} {result.per_connection_kb:6.1f} KB/conn"
+                f"  {result.target:<15} {result.per_connection_kb:6.1f} KB/conn"
                 f"  RSS {result.rss_before_kb:,} -> {result.rss_after_kb:,} KiB"
                 f"  ({result.processes}; {result.still_open:,}/{result.connections:,} still open)",
                 flush=True,
@@ -419,19 +548,25 @@ def _run_reaction(
         print("  skipped: only canary-proxy has a guard, and it is not among the targets")
         return ScenarioResult(scenario=scenario, proxy_log=[], not_applicable=peers)
     proxy_log: list[str] = []
+    summaries: tuple[ReactionSummary, ...] = ()
     previous = pin_self(options.load_cpu)  # the paced load runs in this process
     try:
         with ExitStack() as stack:
             canary = start_fake_canary(stack, host)
-            summaries = reaction.run(
-                host,
-                upstream,
-                canary,
-                scenario,
-                rates=options.guard_rates,
-                repeats=options.guard_repeats,
-                log=proxy_log,
-            )
+            for placement in placements(options):
+                log: list[str] = []
+                summaries += reaction.run(
+                    host,
+                    upstream,
+                    canary,
+                    scenario,
+                    placement,
+                    rates=options.guard_rates,
+                    repeats=options.guard_repeats,
+                    log=log,
+                )
+                label = placement.label(report.REFERENCE)
+                proxy_log += [f"[{label}] {line}" for line in log] if placement.labelled else log
     finally:
         os.sched_setaffinity(0, previous)
     print()
@@ -442,10 +577,14 @@ def _run_reaction(
     )
 
 
-def _print_scenario(summaries: Sequence[Summary], proxy_log: Sequence[str]) -> None:
+def _print_scenario(
+    summaries: Sequence[Summary], proxy_log: Sequence[str], balances: Sequence[WorkerBalance]
+) -> None:
     print()
     print(report.table(summaries))
     print(report.verdict(summaries))
+    for balance in balances:
+        print(report.balance_line(balance))
     _print_log(proxy_log)
 
 
@@ -522,8 +661,8 @@ def _header(started: datetime, machine: dict[str, object], options: Options) -> 
             f"canary-proxy {machine['canary_proxy']}, data plane {machine['data_plane']},"
             f" Python {machine['python']}",
             "tools: " + "; ".join(str(v) for v in tools.values()),
-            f"pinning: wrk and the upstream nginx on core {options.load_cpu}; each proxy under"
-            f" test alone on core {options.proxy_cpu} (taskset -c)",
+            _pinning(options),
+            *_workers_lines(options),
             f"load: wrk -t1 -c{options.connections}, {options.rounds} interleaved rounds x"
             f" ({per_target}) per target; table = medians of the rounds",
             f"idle: {options.idle_connections:,} idle keep-alive clients per proxy;"
@@ -534,6 +673,36 @@ def _header(started: datetime, machine: dict[str, object], options: Options) -> 
             f"load average before the run: {machine['load_average_before']}",
         ]
     )
+
+
+def _pinning(options: Options) -> str:
+    load = f"pinning: wrk and the upstream nginx on core {options.load_cpu}"
+    if options.workers == (1,):
+        return f"{load}; each proxy under test alone on core {options.proxy_cpu} (taskset -c)"
+    parts = []
+    for placement in placements(options):
+        cores = cpu_list(placement.cpus)
+        if placement.workers == 1:
+            parts.append(f"{TIMES}1: each proxy under test alone on core {cores}")
+        elif options.load_cpu in placement.cpus:
+            parts.append(
+                f"{TIMES}{placement.workers}: each proxy on cores {cores}, SHARING core"
+                f" {options.load_cpu} with wrk and the upstream"
+            )
+        else:
+            parts.append(f"{TIMES}{placement.workers}: each proxy alone on cores {cores}")
+    return f"{load}; " + "; ".join(parts) + " (taskset -c)"
+
+
+def _workers_lines(options: Options) -> list[str]:
+    if options.workers == (1,):
+        return []
+    counts = ", ".join(str(n) for n in options.workers)
+    return [
+        f"workers: {counts} (canary-proxy `workers: N`, nginx `worker_processes N`, HAProxy"
+        " `nbthread N`); ratios within the same N; direct once per round (it has no workers);"
+        " idle and guard at every N too"
+    ]
 
 
 def _write_results(
@@ -570,8 +739,19 @@ def _method(options: Options) -> dict[str, object]:
         "warmup_seconds": options.warmup,
         "load_cpu": options.load_cpu,
         "proxy_cpu": options.proxy_cpu,
+        "workers": list(options.workers),
+        "proxy_cpus": {str(p.workers): list(p.cpus) for p in placements(options)},
+        "workers_means": (
+            "canary-proxy `workers: N` (a supervisor + N worker processes), nginx"
+            " `worker_processes N`, HAProxy `nbthread N`; each pinned to proxy_cpus[N]; direct"
+            " measured once per round; ratios within the same N"
+        ),
         "targets": [DISPLAY_NAMES[key] for key in options.targets],
-        "aggregation": "median of rounds for req/s, p50, p99; errors summed",
+        "aggregation": "median of rounds for req/s, p50, p99, CPU %; errors summed",
+        "cpu_percent": (
+            "CPU time (user + system) of the target's process group during the measured wrk run"
+            " / its wall time, 100 = one core; direct: the upstream nginx"
+        ),
         "newconn": f"wrk -H '{CLOSE_HEADER}'; conn/req = host-wide TCP ActiveOpens / requests",
         "idle": {
             "connections": options.idle_connections,
@@ -623,6 +803,7 @@ def _scenario_json(result: ScenarioResult) -> dict[str, object]:
         "close": scenario.close,
         "summary": [asdict(summary) for summary in result.summaries],
         "verdict": report.verdict(result.summaries),
+        "worker_balance": [asdict(balance) for balance in result.balances],
         "rounds": {name: [asdict(r) for r in reports] for name, reports in rounds.items()},
         "canary_proxy_log": result.proxy_log,
     }

@@ -111,9 +111,9 @@ SCENARIOS: Final = (
 )
 
 
-def _nginx_preamble(home: Path) -> str:
+def _nginx_preamble(home: Path, workers: int = 1) -> str:
     return f"""\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {home}/nginx.pid;
 error_log {home}/error.log warn;
@@ -156,13 +156,16 @@ http {{
 """
 
 
-def nginx_proxy_conf(*, home: Path, port: int, upstream_port: int, sticky: bool) -> str:
-    """nginx as the peer proxy: `split_clients` over two upstream blocks, pooled keep-alive."""
+def nginx_proxy_conf(
+    *, home: Path, port: int, upstream_port: int, sticky: bool, workers: int = 1
+) -> str:
+    """nginx as the peer proxy: `split_clients` over two upstream blocks, pooled keep-alive,
+    `workers` worker processes."""
     # $request_id is random per request, like our split without a key; with a key, hash it.
     key = "$http_x_user_id" if sticky else "$request_id"
     upstreams = "".join(_nginx_upstream_block(name, upstream_port) for name in ("stable", "canary"))
     return f"""\
-{_nginx_preamble(home)}
+{_nginx_preamble(home, workers)}
 http {{
 {_nginx_http_common(home)}
 {upstreams}
@@ -194,13 +197,13 @@ def _nginx_upstream_block(name: str, upstream_port: int) -> str:
 """
 
 
-def haproxy_cfg(*, port: int, upstream_port: int, sticky: bool) -> str:
-    """HAProxy as the peer proxy: one thread, two servers weighted like our split."""
+def haproxy_cfg(*, port: int, upstream_port: int, sticky: bool, threads: int = 1) -> str:
+    """HAProxy as the peer proxy: `threads` threads, two servers weighted like our split."""
     balance = f"hdr({STICKY_HEADER})" if sticky else "roundrobin"
     stable_weight = 100 - CANARY_WEIGHT
     return f"""\
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 4096
 
 defaults
@@ -223,9 +226,16 @@ backend versions
 
 
 def canary_proxy_yaml(
-    *, home: Path, port: int, upstream_port: int, sticky: bool, guard: bool = False
+    *,
+    home: Path,
+    port: int,
+    upstream_port: int,
+    sticky: bool,
+    guard: bool = False,
+    workers: int = 1,
 ) -> str:
-    """canary-proxy under test: one route whose stable and canary are both the upstream."""
+    """canary-proxy under test: one route whose stable and canary are both the upstream;
+    `workers` > 1 adds `workers: N` (a supervisor and N worker processes)."""
     upstream = f'["http://127.0.0.1:{upstream_port}"]'
     sticky_line = f"\n      sticky: {{header: {STICKY_HEADER}}}" if sticky else ""
     if guard:
@@ -237,7 +247,7 @@ def canary_proxy_yaml(
 listen: "127.0.0.1:{port}"
 admin: {{listen: "127.0.0.1:0"}}
 state_dir: {home}/state
-timeouts: {{shutdown: 1s}}
+timeouts: {{shutdown: 1s}}{_workers_line(workers)}
 routes:
   - name: bench
     stable: {{upstreams: {upstream}, revision: v1}}
@@ -247,13 +257,15 @@ routes:
 """
 
 
-def guard_reaction_yaml(*, home: Path, port: int, stable_port: int, canary_port: int) -> str:
+def guard_reaction_yaml(
+    *, home: Path, port: int, stable_port: int, canary_port: int, workers: int = 1
+) -> str:
     """canary-proxy for the guard scenario: the canary is the switchable fake, with a guard."""
     return f"""\
 listen: "127.0.0.1:{port}"
 admin: {{listen: "127.0.0.1:0"}}
 state_dir: {home}/state
-timeouts: {{shutdown: 1s}}
+timeouts: {{shutdown: 1s}}{_workers_line(workers)}
 routes:
   - name: bench
     stable: {{upstreams: ["http://127.0.0.1:{stable_port}"], revision: v1}}
@@ -267,3 +279,8 @@ routes:
       max_error_rate_increase: {GUARD_MAX_ERROR_RATE_INCREASE}
       action: rollback
 """
+
+
+def _workers_line(workers: int) -> str:
+    """Nothing for one process (the config as it always was), else `workers: N`."""
+    return "" if workers == 1 else f"\nworkers: {workers}"

@@ -1,12 +1,15 @@
 """Shell: start the upstream and each target (direct, canary-proxy, nginx, HAProxy), check them.
 
-The upstream runs on the load core next to wrk; every proxy under test runs alone on the
-proxy core. Each process gets its own folder (config, pid, logs) under the run's work dir.
+The upstream runs on the load core next to wrk; every proxy under test runs on the cores of
+its `Placement`: with one worker, alone on the proxy core; with N, on N cores (canary-proxy
+`workers: N`, nginx `worker_processes N`, HAProxy `nbthread N`). Each process gets its own
+folder (config, pid, logs) under the run's work dir.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import sys
@@ -16,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from processes import Running, free_port, launch, wait_for_port
+from processes import (
+    ProcessFailed,
+    Running,
+    find_line,
+    free_port,
+    launch,
+    wait_for_line,
+    wait_for_port,
+)
 from scenarios import (
     CLOSE_HEADER,
     LARGE_BODY_BYTES,
@@ -38,8 +49,13 @@ DISPLAY_NAMES: Final[Mapping[TargetKey, str]] = {
     "haproxy": "haproxy",
 }
 FAKE_CANARY: Final = Path(__file__).resolve().parent / "fake_canary.py"
+TIMES: Final = "\u00d7"  # MULTIPLICATION SIGN, before a row's worker count: `nginx <it>2`
 START_TIMEOUT_SECONDS: Final = 10.0
 SMOKE_TIMEOUT_SECONDS: Final = 5.0
+ADMIN_TIMEOUT_SECONDS: Final = 5.0
+# canary-proxy's start-up lines: it serves (with workers: every worker listens), its admin port.
+_PROXY_READY: Final = re.compile(r"\bcanary-proxy listening on \S+:\d+")
+_PROXY_ADMIN: Final = re.compile(r"\badmin API listening on \S+:(\d+)")
 # canary-proxy log lines worth reporting after a run (its format: "<time> LEVEL message").
 _PROBLEM_LINE: Final = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 MAX_PROBLEM_LINES: Final = 20
@@ -56,8 +72,19 @@ class Host:
     tools: Mapping[str, str]
     workdir: Path
     canary_proxy: Path  # the console script of the checkout under test
-    proxy_cpu: int
     load_cpu: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """A proxy under test: its worker count (processes or threads) and the cores it gets."""
+
+    workers: int
+    cpus: tuple[int, ...]
+    labelled: bool = False  # rows say `xN`: any run but the default `--workers 1`
+
+    def label(self, name: str) -> str:
+        return f"{name} {TIMES}{self.workers}" if self.labelled else name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +92,13 @@ class Target:
     name: str
     port: int
     process: Running
+    workers: int | None = None  # a proxy under test: its worker count; direct: None
+    label: str = ""  # the row's name: `canary-proxy x2` in a run of several counts
+    admin_port: int | None = None  # canary-proxy's admin API
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -82,18 +116,25 @@ def start_upstream(stack: ExitStack, host: Host) -> Target:
 
 
 def start_target(
-    stack: ExitStack, host: Host, key: TargetKey, scenario: Scenario, upstream: Target
+    stack: ExitStack,
+    host: Host,
+    key: TargetKey,
+    scenario: Scenario,
+    upstream: Target,
+    *,
+    placement: Placement,
 ) -> Target:
+    """`placement` applies to the proxies; direct is the upstream, wherever it runs."""
     if key == "direct":
         return Target(name="direct", port=upstream.port, process=upstream.process)
     starter = _STARTERS[key]
-    return starter(stack, host, scenario, upstream.port)
+    return starter(stack, host, scenario, upstream.port, placement)
 
 
 def _start_canary_proxy(
-    stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int
+    stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int, placement: Placement
 ) -> Target:
-    home = _home(host, f"{scenario.name}-canary-proxy")
+    home = _home(host, f"{scenario.name}-canary-proxy{_suffix(placement)}")
     port = free_port()
     yaml = canary_proxy_yaml(
         home=home,
@@ -101,30 +142,90 @@ def _start_canary_proxy(
         upstream_port=upstream_port,
         sticky=scenario.sticky,
         guard=scenario.guard,
+        workers=placement.workers,
     )
     config = _write(home / "proxy.yaml", yaml)
+    return _start_proxy_process(
+        stack, host, home=home, config=config, port=port, placement=placement
+    )
+
+
+def _start_proxy_process(
+    stack: ExitStack, host: Host, *, home: Path, config: Path, port: int, placement: Placement
+) -> Target:
+    """canary-proxy, ready only once it logs that it listens: with workers, the port answers
+    as soon as the first worker listens, the line comes once all of them do."""
     argv = [str(host.canary_proxy), "run", "--config", str(config)]
-    return _start(stack, name="canary-proxy", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
+    process = launch(
+        stack, name="canary-proxy", argv=argv, cpu=placement.cpus, log_path=home / "output.log"
+    )
+    wait_for_port(process, port, timeout=START_TIMEOUT_SECONDS)
+    wait_for_line(process, _PROXY_READY, timeout=START_TIMEOUT_SECONDS)
+    if placement.workers > 1:
+        workers = re.compile(rf"\b{placement.workers} workers listening \(SO_REUSEPORT\)")
+        if find_line(process, workers) is None:
+            raise ProcessFailed(
+                f"canary-proxy did not log {workers.pattern!r}: not running"
+                f" {placement.workers} workers?"
+            )
+    admin = find_line(process, _PROXY_ADMIN)
+    found = None if admin is None else _PROXY_ADMIN.search(admin)
+    return Target(
+        name="canary-proxy",
+        port=port,
+        process=process,
+        workers=placement.workers,
+        label=placement.label("canary-proxy"),
+        admin_port=None if found is None else int(found.group(1)),
+    )
 
 
-def _start_nginx(stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int) -> Target:
-    home = _home(host, f"{scenario.name}-nginx")
+def _start_nginx(
+    stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int, placement: Placement
+) -> Target:
+    home = _home(host, f"{scenario.name}-nginx{_suffix(placement)}")
     port = free_port()
     text = nginx_proxy_conf(
-        home=home, port=port, upstream_port=upstream_port, sticky=scenario.sticky
+        home=home,
+        port=port,
+        upstream_port=upstream_port,
+        sticky=scenario.sticky,
+        workers=placement.workers,
     )
     conf = _write(home / "nginx.conf", text)
     argv = _nginx_argv(host, home, conf)
-    return _start(stack, name="nginx", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
+    return _start_peer(stack, name="nginx", argv=argv, home=home, port=port, placement=placement)
 
 
-def _start_haproxy(stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int) -> Target:
-    home = _home(host, f"{scenario.name}-haproxy")
+def _start_haproxy(
+    stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int, placement: Placement
+) -> Target:
+    home = _home(host, f"{scenario.name}-haproxy{_suffix(placement)}")
     port = free_port()
-    text = haproxy_cfg(port=port, upstream_port=upstream_port, sticky=scenario.sticky)
+    text = haproxy_cfg(
+        port=port, upstream_port=upstream_port, sticky=scenario.sticky, threads=placement.workers
+    )
     cfg = _write(home / "haproxy.cfg", text)
     argv = [host.tools["haproxy"], "-db", "-f", str(cfg)]  # -db: stay in the foreground
-    return _start(stack, name="haproxy", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
+    return _start_peer(stack, name="haproxy", argv=argv, home=home, port=port, placement=placement)
+
+
+def _start_peer(
+    stack: ExitStack, *, name: str, argv: list[str], home: Path, port: int, placement: Placement
+) -> Target:
+    target = _start(stack, name=name, argv=argv, cpu=placement.cpus, home=home, port=port)
+    return Target(
+        name=name,
+        port=port,
+        process=target.process,
+        workers=placement.workers,
+        label=placement.label(name),
+    )
+
+
+def _suffix(placement: Placement) -> str:
+    """Folder names: today's for one worker, `-w2` for two."""
+    return "" if placement.workers == 1 else f"-w{placement.workers}"
 
 
 def start_fake_canary(stack: ExitStack, host: Host) -> Target:
@@ -136,21 +237,32 @@ def start_fake_canary(stack: ExitStack, host: Host) -> Target:
 
 
 def start_guarded_proxy(
-    stack: ExitStack, host: Host, *, name: str, stable_port: int, canary_port: int
+    stack: ExitStack,
+    host: Host,
+    placement: Placement,
+    *,
+    name: str,
+    stable_port: int,
+    canary_port: int,
 ) -> tuple[Target, Path]:
     """canary-proxy with a guard over the fake canary; also the path of its audit log."""
-    home = _home(host, f"{name}-canary-proxy")
+    home = _home(host, f"{name}-canary-proxy{_suffix(placement)}")
     port = free_port()
     yaml = guard_reaction_yaml(
-        home=home, port=port, stable_port=stable_port, canary_port=canary_port
+        home=home,
+        port=port,
+        stable_port=stable_port,
+        canary_port=canary_port,
+        workers=placement.workers,
     )
     config = _write(home / "proxy.yaml", yaml)
-    argv = [str(host.canary_proxy), "run", "--config", str(config)]
-    target = _start(stack, name="canary-proxy", argv=argv, cpu=host.proxy_cpu, home=home, port=port)
+    target = _start_proxy_process(
+        stack, host, home=home, config=config, port=port, placement=placement
+    )
     return target, home / "state" / "audit.jsonl"
 
 
-_Starter = Callable[[ExitStack, Host, Scenario, int], Target]
+_Starter = Callable[[ExitStack, Host, Scenario, int, Placement], Target]
 _STARTERS: Final[Mapping[TargetKey, _Starter]] = {
     "proxy": _start_canary_proxy,
     "nginx": _start_nginx,
@@ -164,7 +276,13 @@ def _nginx_argv(host: Host, home: Path, conf: Path) -> list[str]:
 
 
 def _start(
-    stack: ExitStack, *, name: str, argv: list[str], cpu: int, home: Path, port: int
+    stack: ExitStack,
+    *,
+    name: str,
+    argv: list[str],
+    cpu: int | tuple[int, ...],
+    home: Path,
+    port: int,
 ) -> Target:
     process = launch(stack, name=name, argv=argv, cpu=cpu, log_path=home / "output.log")
     wait_for_port(process, port, timeout=START_TIMEOUT_SECONDS)
@@ -235,3 +353,23 @@ def problem_lines(target: Target) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if _PROBLEM_LINE.search(line)][:MAX_PROBLEM_LINES]
+
+
+def worker_status(target: Target) -> list[dict[str, object]] | None:
+    """canary-proxy's own view of its workers (admin `GET /status`): pid, requests, restarts
+    of each; None with one process, or if the admin API does not answer."""
+    if target.admin_port is None or not target.workers or target.workers < 2:
+        return None
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", target.admin_port, timeout=ADMIN_TIMEOUT_SECONDS
+    )
+    try:
+        connection.request("GET", "/status")
+        response = connection.getresponse()
+        document = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        connection.close()
+    workers = document.get("workers") if isinstance(document, dict) else None
+    return workers if isinstance(workers, list) else None

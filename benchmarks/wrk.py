@@ -59,6 +59,10 @@ class WrkReport:
     socket_errors: SocketErrors
     non_2xx: int  # wrk counts responses outside 2xx and 3xx
     tcp_opens: int | None = None  # host-wide TCP connects during the run (newconn only)
+    # CPU the target's process group used during the run, 100 = one core (its leader first,
+    # then the others by pid: canary-proxy's supervisor, then its workers)
+    cpu_percent: float | None = None
+    cpu_percent_by_process: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +70,7 @@ class Load:
     """What every wrk run of a benchmark shares; only the URL and the duration vary."""
 
     wrk: str
-    cpu: int
+    cpu: int  # wrk runs on this one core (-t1)
     connections: int
     script: Path | None  # a Lua script, e.g. one that sets a header per request
     headers: tuple[str, ...] = ()  # extra request headers, e.g. "Connection: close"
