@@ -141,11 +141,13 @@ class Worker:
         listening = self.loop.create_task(self._listen())
         reporting = self.loop.create_task(self._report_forever())
         await self.stopping.wait()
+        # Still listening and reporting while in-flight requests drain: a guard decision
+        # reaches this worker, and the supervisor sees what the drain counted.
+        await self.server.shutdown(self.holder.current.config.timeouts.shutdown)
         for task in (listening, reporting):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.shutdown(self.holder.current.config.timeouts.shutdown)
         self._report()  # the last counts, after the drain
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
