@@ -343,6 +343,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[STATE_KEY].draining:
+    state = request.app[STATE_KEY]
+    if state.draining:
         return web.json_response({"status": "draining"}, status=503)
+    if state.workers is not None and not any(w["ready"] for w in state.workers()):
+        return web.json_response({"status": "no worker is serving"}, status=503)
     return web.json_response({"status": "ready"})

@@ -149,8 +149,10 @@ SPARE_FILES = 64
 
 
 def raise_open_file_limit(max_connections: int) -> None:
-    """Use the hard open-file limit (nginx `worker_rlimit_nofile`, HAProxy does it by itself):
-    every client connection is a descriptor, and a busy one holds an upstream connection too."""
+    """Use the hard open-file limit (nginx `worker_rlimit_nofile`, HAProxy does it by itself),
+    and warn when the connection cap cannot even fit in it: every client connection is a
+    descriptor, and a busy one holds an upstream connection on top (headroom the warning
+    leaves to the operator, so that a default config on a common 20 000 limit stays quiet)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -175,10 +177,11 @@ async def serve(config: Config, *, config_path: str | None, workers: int = 1) ->
     proxy = Proxy(config, config_path=config_path, workers=workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Installed before starting: a SIGTERM while workers start is a graceful stop, not a death.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         await proxy.start()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, proxy.reload)
         await stop.wait()
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -69,7 +70,9 @@ class RouteState:
         # Where the data path records: the windows themselves, or a worker's tallies.
         self.stable_evidence: Evidence | None = None
         self.canary_evidence: Evidence | None = None
-        self.epoch = 0  # bumped whenever the windows start afresh; a worker's tallies follow
+        # Set whenever the windows start afresh, from the controller's one counter (never
+        # reused, even for a route removed and added again); a worker's tallies carry it.
+        self.epoch = 0
         self.assessment: Assessment | None = None
 
     def adopt(self, state: RolloutState) -> None:
@@ -134,6 +137,7 @@ class Controller:
         # Canary revisions rolled back per route: a config that reverts to one stays aborted.
         self.aborted_revisions: dict[str, set[str]] = {}
         self._unwritten: list[dict[str, object]] = []  # decided, not yet on disk
+        self._epochs = itertools.count(1)
         self._dirty = False
         self._started = False
         self._task: asyncio.Task[None] | None = None
@@ -218,7 +222,7 @@ class Controller:
     def _reset_windows(self, live: RouteState, guard: Guard | None) -> None:
         live.guard = guard
         live.assessment = None
-        live.epoch += 1
+        live.epoch = next(self._epochs)
         live.stable_window = live.canary_window = None
         live.stable_evidence = live.canary_evidence = None
         if guard is None:

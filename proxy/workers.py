@@ -9,7 +9,11 @@
 - **Workers** (`python -m proxy worker`, started by the supervisor): the data plane. Each one
   listens on the same address with SO_REUSEPORT, so the kernel spreads new connections over
   them, and routes with the weights its supervisor sent. Its controller is a follower: it
-  decides nothing and persists nothing.
+  decides nothing and persists nothing. Workers run in their own session (a terminal's
+  Ctrl-C reaches only the supervisor) and are started with `-P` (never a `proxy` module from
+  the working directory).
+- **Watchdog.** A ready worker silent for SILENCE_SECONDS (stopped, or its loop blocked) is
+  killed and started again; a worker that cannot start during the first start fails it at once.
 
 **The channel.** Each worker has one Unix socket pair with its supervisor, carrying
 length-prefixed pickled messages (both ends are the same program and the same user):
@@ -68,6 +72,9 @@ START_TIMEOUT_SECONDS: Final = 30.0
 FIRST_BACKOFF_SECONDS: Final = 0.1
 MAX_BACKOFF_SECONDS: Final = 5.0
 STABLE_UPTIME_SECONDS: Final = 10.0  # alive this long: the next death starts from the first pause
+# A ready worker that has not reported for this long is stuck (stopped, or its loop blocked):
+# it is killed and started again rather than left holding its share of new connections.
+SILENCE_SECONDS: Final = 2.0
 _FRAME_HEADER: Final = 4
 
 Tallied = tuple[str, int, bool, int, int, tuple[tuple[int, int], ...]]
@@ -154,12 +161,17 @@ class Worker:
         self.writer.close()
 
     async def _listen(self) -> None:
-        try:
-            while True:
-                self.apply(await receive(self.reader))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.error("worker %d: the supervisor has gone; draining and stopping", os.getpid())
-            self.stopping.set()
+        while True:
+            try:
+                message = await receive(self.reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                log.error("worker %d: the supervisor has gone; draining and stopping", os.getpid())
+                self.stopping.set()
+                return
+            try:
+                self.apply(message)
+            except Exception:  # one bad message must not stop this worker following for good
+                log.exception("worker %d: cannot apply a message from the supervisor", os.getpid())
 
     def apply(self, message: object) -> None:
         match message:
@@ -248,6 +260,7 @@ class WorkerHandle:
     requests: int = 0  # responses this slot's processes reported, over all its restarts
     restarts: int = 0
     started_at: float = 0.0
+    heard_at: float = 0.0  # the loop time of its last message
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def as_dict(self) -> dict[str, object]:
@@ -281,14 +294,21 @@ class WorkerPool:
         self.listen = self._reserve(listen)
         self._start_failed = self.loop.create_future()
         self._tasks = [self.loop.create_task(self._keep_running(w)) for w in self.workers]
+        self._tasks.append(self.loop.create_task(self._watch()))
         all_ready = asyncio.ensure_future(
             asyncio.gather(*(worker.ready.wait() for worker in self.workers))
         )
-        done, _ = await asyncio.wait(
-            (all_ready, self._start_failed),
-            timeout=START_TIMEOUT_SECONDS,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        try:
+            done, _ = await asyncio.wait(
+                (all_ready, self._start_failed),
+                timeout=START_TIMEOUT_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            all_ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await all_ready
+            raise
         failed = self._start_failed
         self._start_failed = None
         if all_ready not in done:
@@ -320,8 +340,12 @@ class WorkerPool:
         while not self.stopping:
             try:
                 code: int | None = await self._run_once(worker)
-            except OSError as error:
-                log.error("cannot start worker %d: %s", worker.index, error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a slot must never stop being kept
+                log.error(
+                    "worker %d: %s", worker.index, error, exc_info=not isinstance(error, OSError)
+                )
                 code = None
             if self.stopping:
                 return
@@ -347,6 +371,7 @@ class WorkerPool:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the working directory's `proxy`, whatever is there
                 "-m",
                 "proxy",
                 "worker",
@@ -354,7 +379,14 @@ class WorkerPool:
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
+                # Out of the terminal's process group: a Ctrl-C or hang-up goes to the
+                # supervisor alone, which decides (and passes SIGTERM on), even while a worker
+                # is still starting.
+                start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
@@ -363,17 +395,43 @@ class WorkerPool:
         worker.ready.clear()
         assert self.listen is not None
         send(writer, ("config", self.holder.current.config, self._states(), self.listen))
-        try:
-            while True:
-                self._heard(worker, await receive(reader))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the worker has gone
-        finally:
-            worker.writer = None
-            worker.connections = 0
-            worker.ready.clear()
-            writer.close()
+        worker.heard_at = self.loop.time()
+        while True:
+            try:
+                message = await receive(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the worker has gone
+            except Exception:  # a frame we cannot read: the channel is out of step
+                log.exception("worker %d sent what cannot be read; restarting it", worker.index)
+                _kill(process)
+                break
+            worker.heard_at = self.loop.time()
+            try:
+                self._heard(worker, message)
+            except Exception:  # a bug in adding one report must not cost the worker
+                log.exception("worker %d: cannot take its message", worker.index)
+        worker.writer = None
+        worker.connections = 0
+        worker.ready.clear()
+        writer.close()
         return await process.wait()
+
+    async def _watch(self) -> None:
+        """Kill a ready worker that has stopped reporting (it then restarts like any other)."""
+        while True:
+            await asyncio.sleep(SILENCE_SECONDS / 4)
+            now = self.loop.time()
+            for worker in self.workers:
+                if worker.ready.is_set() and now - worker.heard_at > SILENCE_SECONDS:
+                    log.error(
+                        "worker %d (pid %s) has not reported for %.1fs; killing it",
+                        worker.index,
+                        worker.pid,
+                        now - worker.heard_at,
+                    )
+                    worker.ready.clear()
+                    if worker.process is not None:
+                        _kill(worker.process)
 
     def _heard(self, worker: WorkerHandle, message: object) -> None:
         match message:
@@ -454,16 +512,30 @@ class WorkerPool:
                         process.kill()
             if late:
                 await asyncio.wait(late)
+        for worker in self.workers:  # one that was being started meanwhile
+            if worker.process is not None and worker.process not in processes:
+                _kill(worker.process)
+                await worker.process.wait()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # stopping must finish whatever a slot's task ran into
+                log.exception("a worker task failed")
         if self._placeholder is not None:
             self._placeholder.close()
 
 
 def _counts(requests: int, errors: int, buckets: tuple[tuple[int, int], ...]) -> TallyCounts:
     return TallyCounts(requests=requests, errors=errors, buckets=buckets)
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
 
 def _exit_text(code: int | None) -> str:

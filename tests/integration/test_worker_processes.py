@@ -166,8 +166,17 @@ async def test_an_admin_verb_and_a_reload_reach_every_worker(
         assert code == 0, err
         await asyncio.sleep(0.2)
         before = len(canary.received)
+        served_before = [w["requests"] for w in (await status(session, proxy))["workers"]]
         await send_requests(session, proxy, 100)
         assert len(canary.received) == before + 100  # every worker sends all to the canary
+
+        async def both_served() -> bool:  # so both workers had the message
+            served = [w["requests"] for w in (await status(session, proxy))["workers"]]
+            return sum(served) - sum(served_before) == 100 and all(
+                now > was for now, was in zip(served, served_before, strict=True)
+            )
+
+        await eventually(both_served)
 
         async with FakeUpstream("stable-2") as replacement:
             document["routes"][0]["stable"] = {"upstreams": [replacement.url]}
@@ -286,3 +295,24 @@ async def test_workers_that_cannot_listen_fail_the_start_at_once(
     assert "address already in use" in err
     assert "workers did not start listening" in err
     assert "Traceback" not in err
+
+
+async def test_a_stuck_worker_is_killed_and_replaced(
+    tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
+) -> None:
+    async with (
+        two_workers(tmp_path, config(tmp_path, stable, canary)) as proxy,
+        open_session(limit=CONNECTIONS) as session,
+    ):
+        stuck = (await status(session, proxy))["workers"][1]
+        os.kill(stuck["pid"], signal.SIGSTOP)  # alive, but silent: it no longer reports
+
+        async def replaced() -> bool:
+            worker = (await status(session, proxy))["workers"][1]
+            return bool(worker["ready"] and worker["pid"] != stuck["pid"])
+
+        await eventually(replaced, within=15)
+        assert "has not reported for" in proxy.logged()
+        assert await send_requests(session, proxy, 100) == [200] * 100
+        async with session.get(proxy.admin_url + "/readyz") as response:
+            assert response.status == 200

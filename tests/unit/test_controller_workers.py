@@ -205,13 +205,31 @@ def test_the_epoch_moves_on_when_the_windows_start_afresh_and_only_then() -> Non
     assert live.epoch == epoch
     holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="bad")
     assert live.epoch == epoch  # an abort keeps the evidence that led to it
+    seen = [epoch]
     holder.controller.act("shop", "retry", holder.canary_stats("shop"))
-    assert live.epoch == epoch + 1
+    seen.append(live.epoch)
     holder.swap(config(canary=V3))  # a new revision
-    assert live.epoch == epoch + 2
+    seen.append(live.epoch)
     holder.swap(config(canary=V3, guard={"window": "20s", "min_requests": 20}))  # a new guard
-    assert live.epoch == epoch + 3
+    seen.append(live.epoch)
+    assert seen == sorted(set(seen))  # each fresh start a new, larger epoch
     assert window(live.canary_window).span == 20.0
+
+
+def test_a_route_removed_and_added_again_never_reuses_an_epoch() -> None:
+    """A late report from the first life of a route must not judge its second life."""
+    two = RuntimeHolder(two_routes())
+    old_epoch = two.current.routes["shop"].state.epoch
+    blog_only = parse_config(
+        {"routes": [{"name": "blog", "stable": {"upstreams": ["http://127.0.0.1:9003"]}}]},
+        base_dir="/srv",
+    )
+    two.swap(blog_only)
+    two.swap(two_routes())
+    live = two.current.routes["shop"].state
+    assert live.epoch != old_epoch
+    two.controller.add_tally("shop", old_epoch, True, counts(40, 40))
+    assert window(live.canary_window).snapshot(monotonic()).requests == 0
 
 
 # -- a leader adds tallies and judges them -------------------------------------------------------
