@@ -317,7 +317,7 @@ class WorkerPool:
                 await all_ready
             why = failed.result() if failed.done() else f"not within {START_TIMEOUT_SECONDS:g}s"
             await self.stop(0.0)
-            raise RuntimeError(f"workers did not start listening on {listen}: {why}")
+            raise RuntimeError(f"workers did not start listening on {self.listen}: {why}")
         failed.cancel()
         return self.listen.host, self.listen.port
 
