@@ -76,6 +76,12 @@ async def status(session: aiohttp.ClientSession, proxy: ProxyProcess) -> Documen
         return document
 
 
+async def replaced(session: aiohttp.ClientSession, proxy: ProxyProcess, old: Document) -> bool:
+    """Whether the worker slot `old` was in is served again, by a new process."""
+    worker = (await status(session, proxy))["workers"][old["index"]]
+    return bool(worker["ready"] and worker["pid"] != old["pid"])
+
+
 async def send_requests(
     session: aiohttp.ClientSession, proxy: ProxyProcess, count: int
 ) -> list[int]:
@@ -232,11 +238,7 @@ async def test_a_worker_killed_under_load_costs_only_its_in_flight_requests_and_
         killed_at = loop.time()
         os.kill(victim["pid"], signal.SIGKILL)
 
-        async def replaced() -> bool:
-            worker = (await status(session, proxy))["workers"][0]
-            return bool(worker["ready"] and worker["pid"] != victim["pid"])
-
-        await eventually(replaced, within=10)
+        await eventually(lambda: replaced(session, proxy, victim), within=10)
         replaced_at = loop.time()
         before = list(successes)
         await asyncio.sleep(1.0)  # traffic goes on, over both workers
@@ -307,11 +309,7 @@ async def test_a_stuck_worker_is_killed_and_replaced(
         stuck = (await status(session, proxy))["workers"][1]
         os.kill(stuck["pid"], signal.SIGSTOP)  # alive, but silent: it no longer reports
 
-        async def replaced() -> bool:
-            worker = (await status(session, proxy))["workers"][1]
-            return bool(worker["ready"] and worker["pid"] != stuck["pid"])
-
-        await eventually(replaced, within=15)
+        await eventually(lambda: replaced(session, proxy, stuck), within=15)
         assert "has not reported for" in proxy.logged()
         assert await send_requests(session, proxy, 100) == [200] * 100
         async with session.get(proxy.admin_url + "/readyz") as response:
