@@ -48,6 +48,9 @@ class AdminState:
     draining: bool = False
     # With worker processes: each worker's pid, readiness, connections and restarts.
     workers: Callable[[], list[dict[str, object]]] | None = None
+    # With worker processes: returns once every worker applies what was changed so far, so
+    # that an answer to a reload or a verb means the change is live everywhere.
+    settle: Callable[[], Awaitable[None]] | None = None
 
 
 STATE_KEY: Final = web.AppKey("admin_state", AdminState)
@@ -227,6 +230,7 @@ async def _reload(request: web.Request) -> web.Response:
         result = reloader.reload_file()
     except ConfigError as error:
         return _config_errors(error)
+    await _settled(request)
     return web.json_response({"reloaded": True, **result.as_dict()})
 
 
@@ -245,6 +249,7 @@ async def _put_config(request: web.Request) -> web.Response:
         return _config_errors(error)
     except OSError as error:
         return _error(500, f"could not write the config file: {error.strerror}")
+    await _settled(request)
     return web.json_response({"reloaded": True, **result.as_dict()})
 
 
@@ -264,7 +269,7 @@ async def _verb(request: web.Request) -> web.Response:
         if not isinstance(reason, str) or len(reason) > 500:
             return _error(400, "reason must be a string of at most 500 characters")
         arguments["reason"] = reason
-    return _act(request, verb, arguments)
+    return await _act(request, verb, arguments)
 
 
 async def _set_weight(request: web.Request) -> web.Response:
@@ -275,7 +280,7 @@ async def _set_weight(request: web.Request) -> web.Response:
     weight_bp = _basis_points(weight)
     if weight_bp is None:
         return _error(400, "weight must be a number from 0 to 100 with at most two decimals")
-    return _act(request, "set_weight", {"weight_bp": weight_bp})
+    return await _act(request, "set_weight", {"weight_bp": weight_bp})
 
 
 def _basis_points(value: object) -> int | None:
@@ -299,7 +304,13 @@ async def _json_body(request: web.Request) -> dict[str, object] | web.Response:
     return body
 
 
-def _act(request: web.Request, verb: str, arguments: dict[str, object]) -> web.Response:
+async def _settled(request: web.Request) -> None:
+    settle = request.app[STATE_KEY].settle
+    if settle is not None:
+        await settle()
+
+
+async def _act(request: web.Request, verb: str, arguments: dict[str, object]) -> web.Response:
     holder = request.app[STATE_KEY].holder
     name = request.match_info["name"]
     route = holder.current.routes.get(name)
@@ -313,6 +324,7 @@ def _act(request: web.Request, verb: str, arguments: dict[str, object]) -> web.R
         return _error(503, f"{error}; nothing changed")
     except ValueError as error:
         return _error(400, str(error))
+    await _settled(request)
     return web.json_response(route_document(route))
 
 

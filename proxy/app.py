@@ -64,6 +64,7 @@ class Proxy:
             registry=build_registry(collector),
             token=self.token,
             workers=self.pool.status if self.pool is not None else None,
+            settle=self.pool.settled if self.pool is not None else None,
         )
         self.reloader.add_preparer(self._prepare_admin)
         self.holder.controller.start(self.holder.canary_stats)

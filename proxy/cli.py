@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from proxy.client import DEFAULT_ADMIN
-from proxy.config import Config, ConfigError
+from proxy.config import MAX_WORKERS, Config, ConfigError
 from proxy.loader import format_problems, load_config_file
 
 EXIT_OK: Final = 0
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker = commands.add_parser("worker")  # started by `run --workers`, not by people
     worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--counters-fd", type=int, required=True)
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=None, help="config file to validate")
     commands.add_parser("schema", help="print the config file's JSON Schema (for editors)")
@@ -150,7 +151,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from proxy.workers import run_worker
 
         _install_uvloop()
-        asyncio.run(run_worker(args.fd))
+        asyncio.run(run_worker(args.fd, args.counters_fd))
         return EXIT_OK
     if args.command == "demo":
         return _demo(args)
@@ -269,8 +270,8 @@ def _workers(text: str) -> int | str:
         count = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WORKERS}")
     return count
 
 

@@ -21,6 +21,8 @@ from urllib.parse import SplitResult, urlsplit
 
 BASIS_POINTS: Final = 10_000  # 100 % expressed in basis points (0.01 % granularity)
 DEFAULT_ADMIN_TOKEN_ENV: Final = "CANARY_PROXY_ADMIN_TOKEN"
+# A typo's guard (`workers: 2000`), not a tuning limit; `auto` takes the CPUs there are.
+MAX_WORKERS: Final = 256
 
 GuardAction = Literal["rollback", "observe"]
 Workers = int | Literal["auto"]  # data plane processes; auto = one per CPU
@@ -964,9 +966,9 @@ def _ratio(ctx: _Context, raw: object) -> float | None:
 def _workers(ctx: _Context, raw: object) -> Workers | None:
     if raw == "auto":
         return "auto"
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= MAX_WORKERS:
         return raw
-    ctx.report("must be a whole number of at least 1, or auto")
+    ctx.report(f"must be a whole number from 1 to {MAX_WORKERS}, or auto")
     return None
 
 

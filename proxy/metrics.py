@@ -9,10 +9,9 @@ config generations, so a reload never resets or double-counts a counter.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from typing import Final, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final, Literal, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -38,7 +37,9 @@ ROLLBACK_REASONS: Final[tuple[RollbackReason, ...]] = (
 GUARD_ACTIONS: Final = ("rollback", "observe")
 
 # Edge-proxy latencies: sub-millisecond cache hits up to minute-long streams (seconds).
-DURATION_BUCKETS: Final = (
+# A list, read by `_bucket`: compiled, a fixed-size tuple of floats is a C struct that would be
+# boxed into a new 16-float tuple at every use (about 0.3 us a request).
+_BOUNDS: Final[list[float]] = [
     0.0005,
     0.001,
     0.0025,
@@ -55,69 +56,135 @@ DURATION_BUCKETS: Final = (
     10.0,
     30.0,
     60.0,
-)
+]
+DURATION_BUCKETS: Final[tuple[float, ...]] = tuple(_BOUNDS)
+
+
+def _bucket(duration: float) -> int:
+    """`bisect_left(DURATION_BUCKETS, duration)`, in native code: the first bound >= duration
+    (Prometheus `le`), or len(DURATION_BUCKETS) for +Inf."""
+    bounds = _BOUNDS
+    low = 0
+    high = len(bounds)
+    while low < high:
+        middle = (low + high) >> 1
+        if bounds[middle] < duration:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+# One version's counters are 64-bit words in one flat block of memory: private to the process,
+# or (in a worker) shared with its supervisor, which can then read the counts of a worker that
+# was killed (proxy/counters.py). Status codes index the block directly: llhttp parses at
+# most three digits, and the proxy's own codes (499, 5xx) are three digits too.
+# (Literal offsets: compiled, they are constants on the hot path; a unit test checks them.)
+CODE_SLOTS: Final = 1000
+_BUCKETS_AT: Final = 1000  # DURATION_BUCKETS, then +Inf
+_ERRORS_AT: Final = 1017  # UPSTREAM_ERROR_KINDS
+_SUM_AT: Final = 1021  # the duration sum, a float64
+SERIES_WORDS: Final = 1024  # room to spare, and two pages exactly
+SERIES_BYTES: Final = SERIES_WORDS * 8
+REJECTED_BYTES: Final = CODE_SLOTS * 8
+_ERROR_INDEX: Final = {"connect": 1017, "timeout": 1018, "reset": 1019, "protocol": 1020}
 
 
 class VersionStats:
-    """Cumulative outcomes of one version of one route."""
+    """Cumulative outcomes of one version of one route.
 
-    __slots__ = ("buckets", "codes", "duration_sum", "upstream_errors")
+    `slot` is where the counters sit in a worker's shared block (-1: private memory)."""
 
-    def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.duration_sum = 0.0
-        self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+    __slots__ = ("_sum", "counts", "slot")
+
+    def __init__(self, memory: memoryview | None = None, slot: int = -1) -> None:
+        if memory is None:
+            memory = memoryview(bytearray(SERIES_BYTES))
+        self.counts = memory.cast("q")
+        self._sum = memory[_SUM_AT * 8 : _SUM_AT * 8 + 8].cast("d")
+        self.slot = slot
 
     def observe(self, status: int, duration: float) -> None:
-        codes = self.codes
-        codes[status] = codes.get(status, 0) + 1
-        self.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
-        self.duration_sum += duration
+        counts = self.counts
+        counts[status] += 1
+        counts[_BUCKETS_AT + _bucket(duration)] += 1
+        self._sum[0] += duration
 
     def upstream_error(self, kind: str) -> None:
-        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+        self.counts[_ERROR_INDEX[kind]] += 1
+
+    # -- views ----------------------------------------------------------------------------
+
+    @property
+    def codes(self) -> dict[int, int]:
+        """Responses by status code, the codes seen only."""
+        return {code: n for code, n in enumerate(self.counts[:CODE_SLOTS].tolist()) if n}
+
+    @property
+    def buckets(self) -> list[int]:
+        """Responses by duration bucket (not cumulative); the last one is +Inf."""
+        return self.counts[_BUCKETS_AT:_ERRORS_AT].tolist()
+
+    @property
+    def duration_sum(self) -> float:
+        return float(self._sum[0])
+
+    @property
+    def upstream_errors(self) -> dict[str, int]:
+        return dict(
+            zip(UPSTREAM_ERROR_KINDS, self.counts[_ERRORS_AT:_SUM_AT].tolist(), strict=True)
+        )
 
     @property
     def requests(self) -> int:
-        return sum(self.codes.values())
+        return sum(self.counts[:CODE_SLOTS].tolist())
 
     # -- across processes: a worker reports what changed, its supervisor adds it up ----------
 
     def copy(self) -> VersionStats:
-        twin = VersionStats()
-        twin.codes = dict(self.codes)
-        twin.buckets = list(self.buckets)
-        twin.duration_sum = self.duration_sum
-        twin.upstream_errors = dict(self.upstream_errors)
-        return twin
+        return VersionStats(memoryview(bytearray(self.counts)))
 
     def since(self, before: VersionStats) -> StatsDelta | None:
         """What was counted after `before` (a copy taken earlier), or None if nothing was."""
+        now = self.counts.tolist()
+        then = before.counts.tolist()
+        if now == then:
+            return None
         codes = {
-            code: n - before.codes.get(code, 0)
-            for code, n in self.codes.items()
-            if n != before.codes.get(code, 0)
+            code: n - was
+            for code, (n, was) in enumerate(zip(now[:CODE_SLOTS], then[:CODE_SLOTS], strict=True))
+            if n != was
         }
         errors = {
-            kind: n - before.upstream_errors.get(kind, 0)
-            for kind, n in self.upstream_errors.items()
-            if n != before.upstream_errors.get(kind, 0)
+            kind: n - was
+            for kind, n, was in zip(
+                UPSTREAM_ERROR_KINDS, now[_ERRORS_AT:_SUM_AT], then[_ERRORS_AT:_SUM_AT], strict=True
+            )
+            if n != was
         }
-        if not codes and not errors:
-            return None
-        buckets = [now - then for now, then in zip(self.buckets, before.buckets, strict=True)]
+        buckets = [
+            n - was
+            for n, was in zip(
+                now[_BUCKETS_AT:_ERRORS_AT], then[_BUCKETS_AT:_ERRORS_AT], strict=True
+            )
+        ]
         return codes, buckets, self.duration_sum - before.duration_sum, errors
 
     def add(self, delta: StatsDelta) -> None:
         codes, buckets, duration_sum, errors = delta
+        counts = self.counts
         for code, n in codes.items():
-            self.codes[code] = self.codes.get(code, 0) + n
+            counts[code] += n
         for index, n in enumerate(buckets):
-            self.buckets[index] += n
-        self.duration_sum += duration_sum
+            counts[_BUCKETS_AT + index] += n
+        self._sum[0] += duration_sum
         for kind, n in errors.items():
-            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
+            counts[_ERROR_INDEX[kind]] += n
+
+
+def counts_since(now: Mapping[int, int], before: Mapping[int, int]) -> dict[int, int]:
+    """The counts that changed since `before` (earlier cumulative counts), by how much."""
+    return {key: n - before.get(key, 0) for key, n in now.items() if n != before.get(key, 0)}
 
 
 # A worker's report of one version's stats (plain builtins: it crosses a process boundary):
@@ -125,12 +192,33 @@ class VersionStats:
 StatsDelta = tuple[dict[int, int], list[int], float, dict[str, int]]
 
 
+class CounterMemory(Protocol):
+    """Where a recorder keeps its counters (`PrivateMemory`, or a worker's shared block)."""
+
+    def rejected(self) -> memoryview:
+        """REJECTED_BYTES of zeroes."""
+
+    def series(self, route: str, version: str) -> tuple[int, memoryview]:
+        """SERIES_BYTES of zeroes for a new series, and their slot (-1 if not shared)."""
+
+
+class PrivateMemory:
+    """This process's own memory."""
+
+    def rejected(self) -> memoryview:
+        return memoryview(bytearray(REJECTED_BYTES))
+
+    def series(self, route: str, version: str) -> tuple[int, memoryview]:
+        return -1, memoryview(bytearray(SERIES_BYTES))
+
+
 class Recorder:
     """Everything the proxy counts, with verbs named after what happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory: CounterMemory | None = None) -> None:
+        self._memory: CounterMemory = memory or PrivateMemory()
         self._stats: dict[tuple[str, str], VersionStats] = {}
-        self._rejected: dict[int, int] = {}
+        self._rejected = self._memory.rejected().cast("q")
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_successful = True
         self.rollbacks: dict[tuple[str, str], int] = {}
@@ -141,7 +229,8 @@ class Recorder:
     def stats_for(self, route: str, version: str) -> VersionStats:
         stats = self._stats.get((route, version))
         if stats is None:
-            stats = self._stats[(route, version)] = VersionStats()
+            slot, memory = self._memory.series(route, version)
+            stats = self._stats[(route, version)] = VersionStats(memory, slot)
         return stats
 
     def keep_routes(self, names: Iterable[str]) -> None:
@@ -162,18 +251,15 @@ class Recorder:
         self.canary_routes = frozenset(names)
 
     def record_rejected(self, status: int) -> None:
-        self._rejected[status] = self._rejected.get(status, 0) + 1
+        self._rejected[status] += 1
 
-    def rejected_since(self, before: dict[int, int]) -> dict[int, int]:
-        return {
-            code: n - before.get(code, 0)
-            for code, n in self._rejected.items()
-            if n != before.get(code, 0)
-        }
+    def rejected_since(self, before: Mapping[int, int]) -> dict[int, int]:
+        return counts_since(self.rejected, before)
 
     def add_rejected(self, counts: dict[int, int]) -> None:
+        rejected = self._rejected
         for code, n in counts.items():
-            self._rejected[code] = self._rejected.get(code, 0) + n
+            rejected[code] += n
 
     def reload_succeeded(self) -> None:
         self.reloads["success"] += 1
@@ -215,7 +301,7 @@ class Recorder:
 
     @property
     def rejected(self) -> Counter[int]:
-        return Counter(self._rejected)
+        return Counter({code: n for code, n in enumerate(self._rejected.tolist()) if n})
 
     def rollback_series(self) -> list[tuple[tuple[str, str], int]]:
         """Every (route, reason) to export, sorted: those counted, and 0 for the rest of each

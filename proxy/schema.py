@@ -28,6 +28,7 @@ from proxy.config import (
     _ROUTE_NAME,
     _TOKEN,
     CONFIG_SECTION,
+    MAX_WORKERS,
     FieldSpec,
     GuardAction,
     SectionSpec,
@@ -84,7 +85,12 @@ _LEAVES: Final[Mapping[ValueKind, JSON]] = {
     "cookie_name": {"type": "string", "pattern": _anchored(_TOKEN)},
     "guard_action": {"enum": list(get_args(GuardAction))},
     # `minimum` constrains only numbers and `pattern` only strings: an integer >= 1, or auto.
-    "workers": {"type": ["integer", "string"], "minimum": 1, "pattern": "^auto$"},
+    "workers": {
+        "type": ["integer", "string"],
+        "minimum": 1,
+        "maximum": MAX_WORKERS,
+        "pattern": "^auto$",
+    },
 }
 
 _NOT_NULL: Final = {"not": {"type": "null"}}

@@ -25,6 +25,10 @@ length-prefixed pickled messages (both ends are the same program and the same us
 - worker -> supervisor: `("ready", pid)` once listening; `("report", ...)` every
   REPORT_SECONDS, and at once (coalesced) when the worker records a canary error, and a last
   one when it exits on SIGTERM.
+- `("sync", n)` -> `("synced", n)`: the channel is ordered and a worker applies messages in
+  order, so its answer means it applies everything sent before. The admin API answers a
+  reload or a verb only once every ready worker has synced (`WorkerPool.settled`): when
+  `canary-proxy reload` or `set-weight` returns, the change is live on every worker.
 
 **One guard.** A worker records each response into a `Tally` per guarded route and version;
 a report carries what the tallies counted since the last one. The supervisor adds them to the
@@ -35,9 +39,13 @@ from before a retry or a new revision is dropped, as in a single process.
 
 **One set of counters.** Reports carry the change in each route's counters since the last
 report; the supervisor adds them to its recorder, which `/metrics` exposes, so totals are
-never double counted and survive a worker's restart. A worker killed with SIGKILL loses what
-it counted after its last report (at most REPORT_SECONDS of responses), and the requests it
-had in flight; connections it had accepted but not yet taken are reset by the kernel.
+never double counted and survive a worker's restart. The worker keeps those counters in a
+block of memory shared with its supervisor (proxy/counters.py): when a worker has gone, even
+by SIGKILL, the supervisor reads its block and adds what it counted after the last report
+that arrived whole, so no count is lost either. What a killed worker loses is the requests it
+had in flight (connections it had accepted but not yet taken are reset by the kernel), and
+the guard's evidence from its last report interval: the windows judge a rate, and the counts
+it missed are in `/metrics`.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ from typing import Final
 
 from proxy.config import Address, Config
 from proxy.controller import RouteStates
-from proxy.metrics import StatsDelta, VersionStats
+from proxy.counters import SharedCounters, create_block, read_block, unreported
+from proxy.metrics import CounterMemory, Recorder, StatsDelta, VersionStats
 from proxy.runtime import RuntimeHolder
 from proxy.server import Server
 from proxy.window import Tally, TallyCounts
@@ -75,17 +84,22 @@ STABLE_UPTIME_SECONDS: Final = 10.0  # alive this long: the next death starts fr
 # A ready worker that has not reported for this long is stuck (stopped, or its loop blocked):
 # it is killed and started again rather than left holding its share of new connections.
 SILENCE_SECONDS: Final = 2.0
+# How long an admin answer waits for the workers to confirm a change (then it is logged; a
+# worker that stays silent is the watchdog's).
+SETTLE_SECONDS: Final = 1.0
 _FRAME_HEADER: Final = 4
 
 Tallied = tuple[str, int, bool, int, int, tuple[tuple[int, int], ...]]
 # route, epoch, canary?, requests, errors, latency buckets
+Counters = tuple[str, str, int, StatsDelta]
+# route, version, its slot in the worker's shared block (-1: none), what changed
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
     """What a worker counted since its previous report."""
 
-    stats: list[tuple[str, str, StatsDelta]]
+    stats: list[Counters]
     rejected: dict[int, int]
     tallies: list[Tallied]
     connections: int
@@ -121,12 +135,16 @@ class Worker:
     """One data plane process: serves, follows its supervisor, reports what it counted."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: Config
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        config: Config,
+        memory: CounterMemory | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.loop = asyncio.get_running_loop()
-        self.holder = RuntimeHolder(config, follower=True)
+        self.holder = RuntimeHolder(config, follower=True, recorder=Recorder(memory))
         self.holder.controller.on_canary_error = self._report_soon
         self.server = Server(self.holder, self.loop)
         # Per series: the stats object last reported on, and a copy of it as it was then.
@@ -178,12 +196,21 @@ class Worker:
             case ("config", Config() as config, dict() as states, _):
                 try:
                     self.holder.swap(config)
-                except Exception:  # the supervisor built it already; keep serving the old one
-                    log.exception("worker %d: cannot apply the new config", os.getpid())
+                except Exception:
+                    # The supervisor built this config already, so this is this process's
+                    # trouble. Serving the old config would split the fleet: drain instead,
+                    # and the supervisor starts this worker again, on the config it has now.
+                    log.exception(
+                        "worker %d: cannot apply the new config; draining, to be started again",
+                        os.getpid(),
+                    )
+                    self.stopping.set()
                     return
                 self.holder.controller.follow(states)
             case ("states", dict() as states):
                 self.holder.controller.follow(states)
+            case ("sync", int() as number):
+                send(self.writer, ("synced", number))
             case _:
                 log.error("worker %d: unknown message from the supervisor", os.getpid())
 
@@ -208,7 +235,7 @@ class Worker:
     def collect(self) -> Report:
         """The counters' change since the previous report, and the drained tallies."""
         recorder = self.holder.outcomes
-        stats: list[tuple[str, str, StatsDelta]] = []
+        stats: list[Counters] = []
         sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
         for route, version, current in recorder.series():
             was = self._sent.get((route, version))
@@ -217,7 +244,7 @@ class Worker:
             before = was[1] if was is not None and was[0] is current else VersionStats()
             delta = current.since(before)
             if delta is not None:
-                stats.append((route, version, delta))
+                stats.append((route, version, current.slot, delta))
             sent[(route, version)] = (current, current.copy() if delta is not None else before)
         self._sent = sent
         rejected = recorder.rejected_since(self._sent_rejected)
@@ -232,8 +259,10 @@ class Worker:
         return Report(stats, rejected, tallies, len(self.server.connections))
 
 
-async def run_worker(fd: int) -> None:
-    """The `worker` command: talk to the supervisor over the inherited socket `fd`."""
+async def run_worker(fd: int, counters_fd: int) -> None:
+    """The `worker` command: talk to the supervisor over the inherited socket `fd`, and keep
+    the counters in the shared block `counters_fd`."""
+    memory = SharedCounters(counters_fd)
     channel = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     match await receive(reader):
@@ -241,11 +270,27 @@ async def run_worker(fd: int) -> None:
             pass
         case _:
             raise RuntimeError("the supervisor's first message must be the config")
-    worker = Worker(reader, writer, config)
+    worker = Worker(reader, writer, config, memory)
     await worker.serve(states, listen)
 
 
 # -- the supervisor ----------------------------------------------------------------------------
+
+
+class Backoff:
+    """The pause before starting a worker that died: FIRST_BACKOFF_SECONDS, doubling while it
+    keeps dying, up to MAX_BACKOFF_SECONDS; one that had lived STABLE_UPTIME_SECONDS starts
+    from the first pause again."""
+
+    def __init__(self) -> None:
+        self._next = FIRST_BACKOFF_SECONDS
+
+    def pause(self, uptime: float) -> float:
+        if uptime >= STABLE_UPTIME_SECONDS:
+            self._next = FIRST_BACKOFF_SECONDS
+        pause = self._next
+        self._next = min(pause * 2, MAX_BACKOFF_SECONDS)
+        return pause
 
 
 @dataclass(slots=True)
@@ -262,6 +307,28 @@ class WorkerHandle:
     started_at: float = 0.0
     heard_at: float = 0.0  # the loop time of its last message
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the current process's reports brought, per slot of its shared block, and rejected
+    # requests: what it counted beyond that is recovered from the block once it has gone.
+    reported: dict[int, VersionStats] = field(default_factory=dict)
+    reported_rejected: dict[int, int] = field(default_factory=dict)
+    # `WorkerPool.settled` calls waiting for this worker, by sync number.
+    syncs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+
+    def synced(self, number: int) -> None:
+        """It applies everything sent before sync `number` (or it has gone: its replacement
+        starts from the supervisor's config and states as they are then)."""
+        for waiting in [n for n in self.syncs if n <= number]:
+            future = self.syncs.pop(waiting)
+            if not future.done():
+                future.set_result(None)
+
+    def took(self, report: Report) -> None:
+        for _, _, slot, delta in report.stats:
+            if slot >= 0:
+                self.reported.setdefault(slot, VersionStats()).add(delta)
+            self.requests += sum(delta[0].values())
+        for code, n in report.rejected.items():
+            self.reported_rejected[code] = self.reported_rejected.get(code, 0) + n
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -286,7 +353,8 @@ class WorkerPool:
         self.stopping = False
         self._placeholder: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._states_pending = False
+        self._states_pending: asyncio.Handle | None = None
+        self._syncs = 0
         # Set if a worker dies before the first start is complete: fail fast, don't retry.
         self._start_failed: asyncio.Future[str] | None = None
 
@@ -336,7 +404,7 @@ class WorkerPool:
         return Address(host=listen.host, port=int(placeholder.getsockname()[1]))
 
     async def _keep_running(self, worker: WorkerHandle) -> None:
-        backoff = FIRST_BACKOFF_SECONDS
+        backoff = Backoff()
         while not self.stopping:
             try:
                 code: int | None = await self._run_once(worker)
@@ -354,19 +422,24 @@ class WorkerPool:
                 starting.set_result(f"worker {worker.index} exited with {_exit_text(code)}")
                 return
             worker.restarts += 1
-            if self.loop.time() - worker.started_at >= STABLE_UPTIME_SECONDS:
-                backoff = FIRST_BACKOFF_SECONDS
+            pause = backoff.pause(uptime=self.loop.time() - worker.started_at)
             log.error(
                 "worker %d (pid %s) exited with %s; starting it again in %.1fs",
                 worker.index,
                 worker.pid,
                 _exit_text(code),
-                backoff,
+                pause,
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            await asyncio.sleep(pause)
 
     async def _run_once(self, worker: WorkerHandle) -> int | None:
+        counters = create_block()
+        try:
+            return await self._run_process(worker, counters)
+        finally:
+            os.close(counters)
+
+    async def _run_process(self, worker: WorkerHandle, counters: int) -> int | None:
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -377,7 +450,9 @@ class WorkerPool:
                 "worker",
                 "--fd",
                 str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                "--counters-fd",
+                str(counters),
+                pass_fds=(theirs.fileno(), counters),
                 stdin=asyncio.subprocess.DEVNULL,
                 # Out of the terminal's process group: a Ctrl-C or hang-up goes to the
                 # supervisor alone, which decides (and passes SIGTERM on), even while a worker
@@ -391,6 +466,7 @@ class WorkerPool:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         worker.process, worker.writer, worker.pid = process, writer, process.pid
+        worker.reported, worker.reported_rejected = {}, {}
         worker.started_at = self.loop.time()
         worker.ready.clear()
         assert self.listen is not None
@@ -413,8 +489,32 @@ class WorkerPool:
         worker.writer = None
         worker.connections = 0
         worker.ready.clear()
+        worker.synced(self._syncs)  # gone: nothing to wait for
         writer.close()
-        return await process.wait()
+        code = await process.wait()
+        self.recover(worker, counters)
+        return code
+
+    def recover(self, worker: WorkerHandle, counters: int) -> None:
+        """Add what a worker that has gone counted after its last report that arrived whole
+        (nothing, if it exited on its own: its last report had it all)."""
+        try:
+            stats, rejected = unreported(
+                read_block(counters), worker.reported, worker.reported_rejected
+            )
+        except (OSError, ValueError) as error:
+            log.error("worker %d: cannot read its counters: %s", worker.index, error)
+            return
+        if stats or rejected:
+            self.take(worker, Report(stats, rejected, [], 0))
+            log.info(
+                "worker %d (pid %s): recovered %d responses and %d rejected requests it "
+                "counted after its last report",
+                worker.index,
+                worker.pid,
+                sum(sum(delta[0].values()) for _, _, _, delta in stats),
+                sum(rejected.values()),
+            )
 
     async def _watch(self) -> None:
         """Kill a ready worker that has stopped reporting (it then restarts like any other)."""
@@ -436,20 +536,26 @@ class WorkerPool:
     def _heard(self, worker: WorkerHandle, message: object) -> None:
         match message:
             case ("report", Report() as report):
-                self.add(report)
-                worker.connections = report.connections
-                worker.requests += sum(sum(d[0].values()) for _, _, d in report.stats)
+                self.take(worker, report)
             case ("ready", int()):
                 worker.ready.set()
+            case ("synced", int() as number):
+                worker.synced(number)
             case _:
                 log.error("worker %d sent an unknown message", worker.index)
+
+    def take(self, worker: WorkerHandle, report: Report) -> None:
+        """A worker's report: its counts join the supervisor's, and its slot's figures."""
+        self.add(report)
+        worker.took(report)
+        worker.connections = report.connections
 
     def add(self, report: Report) -> None:
         """A worker's counts join the supervisor's: metrics, then the guard's windows; canary
         errors are judged at once."""
         holder = self.holder
         routes = holder.current.routes
-        for route, version, delta in report.stats:
+        for route, version, _, delta in report.stats:
             if route in routes:  # a route a reload removed has no series any more
                 holder.outcomes.stats_for(route, version).add(delta)
         holder.outcomes.add_rejected(report.rejected)
@@ -470,13 +576,40 @@ class WorkerPool:
     def states_changed(self) -> None:
         """The controller decided something: every worker hears of it (coalesced, so one
         burst of decisions is one message)."""
-        if not self._states_pending:
-            self._states_pending = True
-            self.loop.call_soon(self._send_states)
+        if self._states_pending is None:
+            self._states_pending = self.loop.call_soon(self._send_states)
 
     def _send_states(self) -> None:
-        self._states_pending = False
+        self._states_pending = None
         self._broadcast(("states", self._states()))
+
+    async def settled(self) -> None:
+        """Return once every ready worker applies every config and decision sent so far (the
+        admin API answers after this), or after SETTLE_SECONDS, logging who was late."""
+        if self._states_pending is not None:  # decided in this turn of the loop: send it now
+            self._states_pending.cancel()
+            self._send_states()
+        self._syncs += 1
+        number = self._syncs
+        waiting: dict[int, asyncio.Future[None]] = {}
+        for worker in self.workers:
+            writer = worker.writer
+            if worker.ready.is_set() and writer is not None and not writer.is_closing():
+                waiting[worker.index] = worker.syncs[number] = self.loop.create_future()
+                send(writer, ("sync", number))
+        if not waiting:
+            return
+        await asyncio.wait(waiting.values(), timeout=SETTLE_SECONDS)
+        late = [index for index, future in waiting.items() if not future.done()]
+        for index in late:
+            self.workers[index].syncs.pop(number, None)
+        if late:
+            log.warning(
+                "worker%s %s did not confirm the change within %gs",
+                "s" if len(late) > 1 else "",
+                ", ".join(map(str, late)),
+                SETTLE_SECONDS,
+            )
 
     def config_changed(self) -> None:
         self._broadcast(("config", self.holder.current.config, self._states(), self.listen))

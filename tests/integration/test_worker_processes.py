@@ -96,6 +96,17 @@ async def send_requests(
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: bytes = b""
+) -> bytes:
+    """One GET on a raw keep-alive connection: the response head."""
+    writer.write(b"GET / HTTP/1.1\r\nHost: shop\r\n" + headers + b"\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r")[0])
+    await reader.readexactly(length)
+    return head
+
+
 async def total_requests(session: aiohttp.ClientSession, proxy: ProxyProcess) -> float:
     return sum(values(await scrape(session, proxy.admin_url), "canary_proxy_requests_total"))
 
@@ -157,6 +168,59 @@ async def test_errors_spread_over_both_workers_trip_the_guard_once_and_both_obey
         assert len(canary.received) == reached
 
 
+async def test_a_guard_trips_on_errors_neither_worker_alone_had_enough_of(
+    tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
+) -> None:
+    guard = {"window": "30s", "min_requests": 30, "max_error_rate": 0.05}
+    canary.answer_with(reply(500))
+    document = config(tmp_path, stable, canary, weight=0, guard=guard)
+    document["routes"][0]["split"]["force"] = {"header": "X-Canary"}  # always: to the canary
+    async with (
+        two_workers(tmp_path, document) as proxy,
+        open_session(limit=CONNECTIONS) as session,
+        contextlib.AsyncExitStack() as held,
+    ):
+        # A connection held on each worker (the kernel picks the worker for a connection).
+        on_worker: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        opened = 0
+        while len(on_worker) < 2:
+            assert opened < 64, "SO_REUSEPORT put 64 connections on one worker"
+            before = [w["connections"] for w in (await status(session, proxy))["workers"]]
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            held.callback(writer.close)
+            opened += 1
+            await get(reader, writer)  # to stable: weight 0, not forced
+            changed: list[int] = []
+
+            async def counted(before: list[int] = before, changed: list[int] = changed) -> bool:
+                now = [w["connections"] for w in (await status(session, proxy))["workers"]]
+                changed[:] = [i for i, n in enumerate(now) if n > before[i]]
+                return bool(changed)
+
+            await eventually(counted)
+            on_worker.setdefault(changed[0], (reader, writer))
+
+        async def aborted() -> bool:
+            route = (await status(session, proxy))["routes"][0]
+            return bool(route["state"] == "aborted")
+
+        forced = b"X-Canary: always\r\n"
+        for _ in range(20):  # 20 errors on worker 0: below min_requests
+            assert (await get(*on_worker[0], forced)).startswith(b"HTTP/1.1 500")
+
+        async def reported() -> bool:  # in the supervisor's window too: one report carries both
+            samples = await scrape(session, proxy.admin_url)
+            return sum(values(samples, "canary_proxy_requests_total", version="canary")) == 20
+
+        await eventually(reported)
+        assert not await aborted()
+        for _ in range(10):  # 10 on worker 1, below min_requests too: 30 in the one window
+            assert (await get(*on_worker[1], forced)).startswith(b"HTTP/1.1 500")
+        await eventually(aborted)
+        assert len(canary.received) == 30
+        assert (await get(*on_worker[1], forced)).startswith(b"HTTP/1.1 200")  # to stable now
+
+
 async def test_an_admin_verb_and_a_reload_reach_every_worker(
     tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
 ) -> None:
@@ -170,7 +234,7 @@ async def test_an_admin_verb_and_a_reload_reach_every_worker(
             "set-weight", "shop", "100", "--admin", proxy.admin_url, env=environment
         )
         assert code == 0, err
-        await asyncio.sleep(0.2)
+        # No pause: the admin API answers once every worker applies the change.
         before = len(canary.received)
         served_before = [w["requests"] for w in (await status(session, proxy))["workers"]]
         await send_requests(session, proxy, 100)
@@ -191,7 +255,6 @@ async def test_an_admin_verb_and_a_reload_reach_every_worker(
             proxy.config_path.write_text(json.dumps(document))
             code, out, err = await run_cli("reload", "--admin", proxy.admin_url, env=environment)
             assert code == 0, err + out
-            await asyncio.sleep(0.2)
             await send_requests(session, proxy, 100)
             assert len(replacement.received) == 100
 
@@ -220,10 +283,7 @@ async def test_a_worker_killed_under_load_costs_only_its_in_flight_requests_and_
                     continue
                 try:
                     while not stop.is_set():
-                        writer.write(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
-                        head = await reader.readuntil(b"\r\n\r\n")
-                        length = int(head.lower().split(b"content-length: ")[1].split(b"\r")[0])
-                        await reader.readexactly(length)
+                        head = await get(reader, writer)
                         assert head.startswith(b"HTTP/1.1 200"), head
                         successes[number] += 1
                 except (OSError, asyncio.IncompleteReadError):
@@ -257,6 +317,53 @@ async def test_a_worker_killed_under_load_costs_only_its_in_flight_requests_and_
         worker = (await status(session, proxy))["workers"][0]
         assert worker["restarts"] == 1
         assert "exited with signal SIGKILL" in proxy.logged()
+
+        # No count lost, none twice: every response a client had is counted, and at most the
+        # failed requests besides (a response counted, then cut off by the kill).
+        served = sum(successes)
+
+        async def all_counted() -> bool:
+            return await total_requests(session, proxy) >= served
+
+        await eventually(all_counted)
+        await asyncio.sleep(0.3)
+        assert served <= await total_requests(session, proxy) <= served + sum(failures)
+
+
+async def test_what_a_worker_counted_just_before_it_was_killed_is_in_the_metrics(
+    tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
+) -> None:
+    async with (
+        two_workers(tmp_path, config(tmp_path, stable, canary)) as proxy,
+        open_session(limit=CONNECTIONS) as session,
+    ):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        await get(reader, writer)
+
+        holders: list[Document] = []
+
+        async def found_the_worker() -> bool:  # the one that holds the connection
+            workers = (await status(session, proxy))["workers"]
+            holders[:] = [w for w in workers if w["connections"] == 1]
+            return bool(holders)
+
+        await eventually(found_the_worker)
+        victim = holders[0]
+        for _ in range(29):
+            await get(reader, writer)
+        # At once: the worker's reports (every 50 ms) have not yet brought the last responses.
+        os.kill(victim["pid"], signal.SIGKILL)
+        writer.close()
+
+        await eventually(lambda: replaced(session, proxy, victim), within=10)
+
+        async def thirty() -> bool:
+            return await total_requests(session, proxy) == 30
+
+        await eventually(thirty)
+        await asyncio.sleep(0.3)  # and no more: none counted twice
+        assert await total_requests(session, proxy) == 30
+        assert len(stable.received) + len(canary.received) == 30
 
 
 async def test_sigterm_drains_every_worker_and_exits_0(

@@ -356,7 +356,7 @@ def test_a_malformed_listen_address_is_rejected(value: object, message: str) -> 
 # --- Workers -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 2, 64, "auto"])
+@pytest.mark.parametrize("workers", [1, 2, 64, 256, "auto"])
 def test_workers_is_a_whole_number_of_at_least_1_or_auto(workers: object) -> None:
     data = minimal()
     data["workers"] = workers
@@ -364,12 +364,14 @@ def test_workers_is_a_whole_number_of_at_least_1_or_auto(workers: object) -> Non
     assert parse(data).workers == workers
 
 
-@pytest.mark.parametrize("workers", [0, -1, 1.5, 2.0, True, False, "Auto", "AUTO", "2", "", [2]])
+@pytest.mark.parametrize(
+    "workers", [0, -1, 257, 2000, 1.5, 2.0, True, False, "Auto", "AUTO", "2", "", [2]]
+)
 def test_a_malformed_worker_count_is_rejected(workers: object) -> None:
     data = minimal()
     data["workers"] = workers
 
-    assert problems(data) == [("workers", "must be a whole number of at least 1, or auto")]
+    assert problems(data) == [("workers", "must be a whole number from 1 to 256, or auto")]
 
 
 # --- Admin ---------------------------------------------------------------------------------------

@@ -426,7 +426,7 @@ KIND_SAMPLES: Final[dict[ValueKind, tuple[list[object], list[object]]]] = {
     "header_name": (["X-User-ID", "x_canary", "a"], ["X User", "X-User:", "Über", "", 1]),
     "cookie_name": (["uid", "UID"], ["u=id", "can;ary", "", 1]),
     "guard_action": (["rollback", "observe"], ["rollforward", "Rollback", "", 1]),
-    "workers": ([1, 2, 64, "auto"], [0, -1, 1.5, True, "Auto", "2", "", "auto "]),
+    "workers": ([1, 2, 64, 256, "auto"], [0, -1, 257, 1.5, True, "Auto", "2", "", "auto "]),
 }  # fmt: skip
 
 
@@ -565,7 +565,7 @@ CANDIDATES: Final[dict[ValueKind, st.SearchStrategy[object]]] = {
     "header_name": _regex(_TOKEN),
     "cookie_name": _regex(_TOKEN),
     "guard_action": st.sampled_from(["rollback", "observe", "Rollback", "OBSERVE", "none"]),
-    "workers": st.one_of(st.integers(-2, 70), st.sampled_from(["auto", "AUTO", "0", ""])),
+    "workers": st.one_of(st.integers(-2, 300), st.sampled_from(["auto", "AUTO", "0", ""])),
 }
 
 

@@ -17,12 +17,23 @@ from typing import cast
 import pytest
 from configs import guarded
 
+import proxy.workers as workers_module
 from proxy.config import Config, Upstream
 from proxy.controller import RouteStates
-from proxy.metrics import DURATION_BUCKETS, StatsDelta, VersionStats
+from proxy.counters import SharedCounters, create_block
+from proxy.metrics import DURATION_BUCKETS, CounterMemory, StatsDelta, VersionStats
 from proxy.runtime import RouteRuntime, RuntimeHolder
 from proxy.window import LATENCY_BOUNDS, Tally
-from proxy.workers import Report, Worker, WorkerPool, receive, send, worker_count
+from proxy.workers import (
+    Backoff,
+    Report,
+    Worker,
+    WorkerHandle,
+    WorkerPool,
+    receive,
+    send,
+    worker_count,
+)
 
 FAST = 0.01  # seconds: every response of these tests lands in one latency bucket
 FAST_BUCKET = 22  # its index into LATENCY_BOUNDS
@@ -94,11 +105,11 @@ async def channel() -> AsyncIterator[
 
 @contextlib.asynccontextmanager
 async def in_process(
-    worker_config: Config, states: RouteStates | None = None
+    worker_config: Config, states: RouteStates | None = None, memory: CounterMemory | None = None
 ) -> AsyncIterator[Worker]:
     """A worker built in this process, following `states` if given (as `serve` does)."""
     async with channel() as (reader, writer, _, _):
-        worker = Worker(reader, writer, worker_config)
+        worker = Worker(reader, writer, worker_config, memory)
         if states is not None:
             worker.holder.controller.follow(states)
         yield worker
@@ -109,7 +120,7 @@ async def in_process(
 
 async def test_messages_cross_a_socket_pair_whole_and_in_order() -> None:
     large = ("big", b"x" * 3_000_000)  # far more than one read of the socket
-    stats_report = Report([("shop", "canary", delta({200: 2}))], {400: 1}, [], 3)
+    stats_report = Report([("shop", "canary", -1, delta({200: 2}))], {400: 1}, [], 3)
     messages: list[object] = [
         ("ready", 1234),
         large,
@@ -164,11 +175,11 @@ async def test_a_worker_reports_its_counts_and_tallies_since_the_previous_report
         worker.holder.outcomes.record_rejected(400)
 
         first = worker.collect()
-        assert [(r, v, d[0], d[3]) for r, v, d in first.stats] == [
+        assert [(r, v, d[0], d[3]) for r, v, _, d in first.stats] == [
             ("shop", "canary", {200: 3, 503: 1}, {"connect": 1}),
             ("shop", "stable", {200: 2}, {}),
         ]
-        canary_delta = first.stats[0][2]
+        canary_delta = first.stats[0][3]
         assert canary_delta[1][DURATION_BUCKETS.index(FAST)] == 4
         assert canary_delta[2] == pytest.approx(4 * FAST)
         assert first.rejected == {400: 2}
@@ -183,7 +194,7 @@ async def test_a_worker_reports_its_counts_and_tallies_since_the_previous_report
         serve(worker, ok=1, errors=0, version="stable")
         worker.holder.outcomes.record_rejected(431)
         third = worker.collect()
-        assert [(r, v, d[0]) for r, v, d in third.stats] == [("shop", "stable", {200: 1})]
+        assert [(r, v, d[0]) for r, v, _, d in third.stats] == [("shop", "stable", {200: 1})]
         assert third.rejected == {431: 1}
         assert third.tallies == [("shop", epoch, False, 1, 0, ((FAST_BUCKET, 1),))]
 
@@ -209,7 +220,7 @@ async def test_a_route_without_a_guard_reports_stats_but_no_tallies() -> None:
         assert route.state.canary_evidence is None
         route.canary_stats.observe(200, FAST)
         collected = worker.collect()
-        assert [(r, v, d[0]) for r, v, d in collected.stats] == [("shop", "canary", {200: 1})]
+        assert [(r, v, d[0]) for r, v, _, d in collected.stats] == [("shop", "canary", {200: 1})]
         assert collected.tallies == []
 
 
@@ -222,7 +233,7 @@ async def test_a_route_dropped_and_added_again_between_reports_counts_from_zero(
         worker.apply(("config", config(), {}, None))  # two reloads within one report interval
         for _ in range(2):
             shop(worker.holder).canary_stats.observe(200, FAST)
-        assert [(r, v, d[0]) for r, v, d in worker.collect().stats] == [
+        assert [(r, v, d[0]) for r, v, _, d in worker.collect().stats] == [
             ("shop", "canary", {200: 2})
         ]
 
@@ -237,7 +248,7 @@ async def test_a_route_dropped_and_added_again_across_reports_counts_from_zero()
         worker.apply(("config", config(), {}, None))
         for _ in range(2):
             shop(worker.holder).canary_stats.observe(200, FAST)
-        assert [(r, v, d[0]) for r, v, d in worker.collect().stats] == [
+        assert [(r, v, d[0]) for r, v, _, d in worker.collect().stats] == [
             ("shop", "canary", {200: 2})
         ]
 
@@ -286,7 +297,7 @@ async def test_a_new_config_and_its_states_are_applied_together() -> None:
         )
 
 
-async def test_a_config_a_worker_cannot_build_leaves_it_on_the_old_one_and_its_states(
+async def test_a_worker_that_cannot_build_a_config_drains_on_the_old_one_to_be_restarted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with in_process(config()) as worker:
@@ -297,8 +308,9 @@ async def test_a_config_a_worker_cannot_build_leaves_it_on_the_old_one_and_its_s
         new = replace(old, routes=(broken,))  # the runtime cannot be built from it
         with caplog.at_level(logging.ERROR, logger="canary_proxy"):
             worker.apply(("config", new, {"shop": (0, True, 9)}, new.listen))
-        assert "cannot apply the new config" in caplog.text
-        assert worker.holder.current.config is old
+        assert "cannot apply the new config; draining, to be started again" in caplog.text
+        assert worker.stopping.is_set()  # its supervisor starts it again, on the new config
+        assert worker.holder.current.config is old  # what it drains with
         assert worker.holder.controller.route_states() == before
 
 
@@ -392,7 +404,7 @@ async def test_a_report_for_a_route_no_longer_in_the_config_adds_no_series() -> 
     epoch = shop(leader).state.epoch
     leader.swap(config(name="blog"))
     late = Report(
-        stats=[("shop", "canary", delta({503: 4})), ("blog", "stable", delta({200: 1}))],
+        stats=[("shop", "canary", -1, delta({503: 4})), ("blog", "stable", -1, delta({200: 1}))],
         rejected={},
         tallies=[("shop", epoch, True, 40, 40, ((FAST_BUCKET, 40),))],
         connections=1,
@@ -449,8 +461,210 @@ async def test_every_workers_counts_add_up_in_the_supervisors_recorder() -> None
 async def test_counts_added_from_reports_survive_a_reload_that_keeps_the_route() -> None:
     leader = RuntimeHolder(config())
     pool = WorkerPool(leader, 1)
-    pool.add(Report([("shop", "canary", delta({200: 2}))], {}, [], 0))
+    pool.add(Report([("shop", "canary", -1, delta({200: 2}))], {}, [], 0))
     leader.swap(config(split={"weight": 20}))
-    pool.add(Report([("shop", "canary", delta({200: 3}))], {}, [], 0))
+    pool.add(Report([("shop", "canary", -1, delta({200: 3}))], {}, [], 0))
     assert leader.outcomes.requests == {("shop", "canary", 200): 5}
     assert shop(leader).canary_stats.requests == 5  # the data path's object is the same one
+
+
+# -- what a worker that has gone leaves behind ----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def supervised() -> AsyncIterator[tuple[WorkerPool, Worker, int]]:
+    """A supervisor's pool of one, the worker of its slot 0 (in this process) and the
+    supervisor's descriptor of that worker's counter block."""
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    block = create_block(capacity=8)
+    try:
+        async with in_process(config(), memory=SharedCounters(os.dup(block))) as worker:
+            yield pool, worker, block
+    finally:
+        os.close(block)
+
+
+async def test_what_a_gone_worker_counted_after_its_last_report_is_recovered_once() -> None:
+    async with supervised() as (pool, worker, block):
+        leader, handle = pool.holder, pool.workers[0]
+        serve(worker, ok=3, errors=1)
+        worker.holder.outcomes.record_rejected(400)
+        pool.take(handle, worker.collect())
+        # Counted after the last report, as by a worker then killed with SIGKILL.
+        serve(worker, ok=2, errors=2)
+        serve(worker, ok=1, errors=0, version="stable")
+        worker.holder.outcomes.record_rejected(431)
+        pool.recover(handle, block)
+
+    assert leader.outcomes.requests == {
+        ("shop", "canary", 200): 5,
+        ("shop", "canary", 503): 3,
+        ("shop", "stable", 200): 1,
+    }
+    assert leader.outcomes.rejected == {400: 1, 431: 1}
+    assert handle.requests == 9
+    assert shop(leader).canary_stats.duration_sum == pytest.approx(8 * FAST)
+
+
+async def test_a_worker_whose_last_report_had_it_all_leaves_nothing_to_recover(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with supervised() as (pool, worker, block):
+        leader, handle = pool.holder, pool.workers[0]
+        serve(worker, ok=3, errors=1)
+        pool.take(handle, worker.collect())
+        serve(worker, ok=2, errors=0, version="stable")
+        pool.take(handle, worker.collect())  # a draining worker's last report
+        with caplog.at_level(logging.INFO, logger="canary_proxy"):
+            pool.recover(handle, block)
+
+    assert leader.outcomes.requests == {
+        ("shop", "canary", 200): 3,
+        ("shop", "canary", 503): 1,
+        ("shop", "stable", 200): 2,
+    }
+    assert handle.requests == 6
+    assert "recovered" not in caplog.text
+
+
+async def test_a_gone_workers_counts_for_a_route_a_reload_removed_are_not_recovered() -> None:
+    async with supervised() as (pool, worker, block):
+        serve(worker, ok=2, errors=0)
+        pool.holder.swap(config(name="blog"))
+        pool.recover(pool.workers[0], block)
+    assert pool.holder.outcomes.requests == {}
+
+
+async def test_a_block_that_cannot_be_read_costs_the_recovery_not_the_supervisor(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    not_a_block = os.memfd_create("empty")
+    try:
+        with caplog.at_level(logging.ERROR, logger="canary_proxy"):
+            pool.recover(pool.workers[0], not_a_block)
+    finally:
+        os.close(not_a_block)
+    assert "worker 0: cannot read its counters" in caplog.text
+
+
+# -- restarts and broadcasts -------------------------------------------------------------------
+
+
+def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_5s() -> None:
+    backoff = Backoff()
+    pauses = [backoff.pause(uptime=0.5) for _ in range(8)]
+    assert pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+
+
+def test_a_worker_that_had_lived_10s_before_dying_starts_from_the_first_pause() -> None:
+    backoff = Backoff()
+    for _ in range(5):
+        backoff.pause(uptime=0.5)
+    assert backoff.pause(uptime=10.0) == 0.1
+    assert backoff.pause(uptime=9.9) == 0.2  # and doubles again if it dies young
+
+
+async def test_a_burst_of_decisions_reaches_each_worker_as_one_message_of_the_last_states() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 2)
+    async with channel() as (_, first, first_end, _), channel() as (_, second, second_end, _):
+        pool.workers[0].writer, pool.workers[1].writer = first, second
+        live = shop(leader).state
+        for weight in (2000, 3000, 4000):  # three decisions in one turn of the loop
+            live.weight_bp = weight
+            pool.states_changed()
+        await asyncio.sleep(0)  # the loop's next turn sends
+        for writer in (first, second):
+            send(writer, ("marker",))
+        for end in (first_end, second_end):
+            assert await receive(end) == ("states", {"shop": (4000, False, live.epoch)})
+            assert await receive(end) == ("marker",)  # nothing else in between
+
+
+@contextlib.asynccontextmanager
+async def followed_by(pool: WorkerPool, *relayed: int) -> AsyncIterator[list[Worker]]:
+    """Workers for the pool's slots `relayed`, each in this process on its own channel, applying
+    what its slot sends and answering as `_run_process` hears it; the pool's other slots get a
+    channel nobody reads (a worker that is stuck)."""
+    async with contextlib.AsyncExitStack() as stack:
+        workers: list[Worker] = []
+        tasks: list[asyncio.Task[None]] = []
+        for handle in pool.workers:
+            reader, writer, their_reader, their_writer = await stack.enter_async_context(channel())
+            handle.writer = writer
+            handle.ready.set()
+            if handle.index not in relayed:
+                continue
+            worker = Worker(their_reader, their_writer, pool.holder.current.config)
+            worker.holder.controller.follow(pool.holder.controller.route_states())
+            workers.append(worker)
+
+            async def apply(
+                worker: Worker = worker, reader: asyncio.StreamReader = their_reader
+            ) -> None:
+                while True:
+                    worker.apply(await receive(reader))
+
+            async def hear(
+                handle: WorkerHandle = handle, reader: asyncio.StreamReader = reader
+            ) -> None:
+                while True:
+                    pool._heard(handle, await receive(reader))
+
+            tasks += [asyncio.create_task(apply()), asyncio.create_task(hear())]
+        try:
+            yield workers
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_settled_returns_once_every_worker_applies_the_decisions_made_so_far() -> None:
+    leader = RuntimeHolder(config())
+    pool = WorkerPool(leader, 2)
+    async with followed_by(pool, 0, 1) as workers:
+        shop(leader).state.weight_bp = 4200
+        pool.states_changed()  # not yet sent: settled sends it at once
+        await pool.settled()
+        assert [shop(w.holder).state.weight_bp for w in workers] == [4200, 4200]
+
+        leader.swap(config(split={"weight": 7}, canary=V3))
+        pool.config_changed()
+        await pool.settled()
+        for worker in workers:
+            canary = shop(worker.holder).route.canary
+            assert canary is not None
+            assert canary.revision == "v3"
+
+
+async def test_settled_does_not_wait_for_a_worker_that_is_not_ready() -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 2)
+    async with followed_by(pool, 0):
+        pool.workers[1].ready.clear()  # starting: it gets the config and states first anyway
+        async with asyncio.timeout(0.5):
+            await pool.settled()
+
+
+async def test_settled_gives_up_on_a_silent_worker_and_names_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(workers_module, "SETTLE_SECONDS", 0.05)
+    pool = WorkerPool(RuntimeHolder(config()), 2)
+    async with followed_by(pool, 0):
+        with caplog.at_level(logging.WARNING, logger="canary_proxy"):
+            await pool.settled()
+    assert "worker 1 did not confirm the change within 0.05s" in caplog.text
+    assert pool.workers[1].syncs == {}
+
+
+async def test_settled_stops_waiting_for_a_worker_that_has_gone() -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    async with followed_by(pool):
+        waiting = asyncio.create_task(pool.settled())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        pool.workers[0].synced(1)  # what `_run_process` does when the channel closes
+        async with asyncio.timeout(0.5):
+            await waiting
