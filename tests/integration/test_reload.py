@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 import aiohttp
+import pytest
 from fakes import (
     CHUNK,
     HOST,
@@ -187,16 +188,19 @@ def invalid_config(kind: str, valid: dict[str, object]) -> tuple[str, str]:
     return json.dumps(broken), "application/json"
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 async def test_a_hundred_reloads_under_load_drop_no_request_and_count_every_one_exactly_once(
-    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path, workers: int
 ) -> None:
+    """With worker processes too: each reload reaches every worker before the admin API
+    answers (the probes right after one see it), and no worker restarts for it."""
     load = Load()
     stop = asyncio.Event()
     probes = 0  # sent by `probe`; the clients' count is in `load`
     outcomes: dict[str, int] = {"success": 0, "failure": 0}
 
     def config(weight: float) -> dict[str, object]:
-        return proxy_config(tmp_path, stable.url, canary.url, weight)
+        return {**proxy_config(tmp_path, stable.url, canary.url, weight), "workers": workers}
 
     async def reload(text: str, content_type: str, via: str) -> tuple[int, dict[str, object]]:
         if via == "put":
@@ -256,9 +260,18 @@ async def test_a_hundred_reloads_under_load_drop_no_request_and_count_every_one_
             stop.set()
             async with asyncio.timeout(10):
                 await asyncio.gather(*clients)
-        samples = await scrape(admin, proxy.admin_url)
+        sent = load.answered + probes
 
-    sent = load.answered + probes
+        async def all_counted() -> bool:  # workers report every 50 ms
+            samples = await scrape(admin, proxy.admin_url)
+            return sum(v for _, v in samples["canary_proxy_requests_total"]) >= sent
+
+        await eventually(all_counted)
+        samples = await scrape(admin, proxy.admin_url)
+        if workers > 1:
+            async with admin.get(proxy.admin_url + "/status", headers=AUTH) as response:
+                assert [w["restarts"] for w in (await response.json())["workers"]] == [0, 0]
+
     assert load.failures == [], load.failures[:10]
     assert load.connections_opened == [1] * CLIENTS  # keep-alive survived every reload
     assert outcomes == {"success": VALID_RELOADS, "failure": len(INVALID_AFTER)}
