@@ -84,11 +84,13 @@ def launch(
 def stop(running: Running) -> None:
     """SIGTERM the whole process group, then SIGKILL whatever outlives the grace period.
 
-    The group is the leader and every child it started without a session of its own: nginx's
-    workers, canary-proxy's worker processes (`python -m proxy worker`). Returns once no
-    process of the group is left, so the next target never shares the cores with a straggler.
+    The family is the leader's group (nginx's workers) and the leader's descendants in
+    sessions of their own (canary-proxy's worker processes, which the supervisor stops on
+    SIGTERM). Returns once none of it is left, so the next target never shares the cores with
+    a straggler.
     """
     pgid = running.popen.pid
+    family = group_pids(pgid)  # now: once the leader is gone, its children are init's
     _signal_group(pgid, signal.SIGTERM)
     try:
         running.popen.wait(timeout=STOP_GRACE_SECONDS)
@@ -96,10 +98,15 @@ def stop(running: Running) -> None:
         _signal_group(pgid, signal.SIGKILL)
         running.popen.wait(timeout=STOP_GRACE_SECONDS)
     # The leader may be gone while a child lingers (a worker still draining): SIGKILL the
-    # group, and wait until the kernel has reaped the last of it.
+    # family, and wait until the kernel has reaped the last of it.
     _signal_group(pgid, signal.SIGKILL)
+    for pid in family:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+    while (left := sorted(set(group_pids(pgid)) | _alive(family))) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(READY_POLL_SECONDS)
     if left:  # only a process stuck in the kernel (state D) survives SIGKILL that long
         print(f"bench: warning: {running.name}: pids {left} outlived SIGKILL", file=sys.stderr)
@@ -168,21 +175,34 @@ def log_tail(running: Running) -> str:
     return "\n".join(f"  {line}" for line in lines[-LOG_TAIL_LINES:]) or "  (empty log)"
 
 
-# --- a process group: its members, their memory and CPU time ------------------------------
+# --- a target's processes: their memory and CPU time -------------------------------------
 
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 def group_pids(pgid: int) -> list[int]:
-    """The processes of group `pgid`, by pid; zombies (exited, not yet reaped) left out."""
-    pids = []
+    """A target's processes, by pid: those of group `pgid` (its leader's: nginx's workers)
+    and the leader's descendants in sessions of their own (canary-proxy's workers); zombies
+    (exited, not yet reaped) left out."""
+    stats = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return sorted(pids)
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
+            stats[int(entry.name)] = fields
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    family = {pid for pid, fields in stats.items() if int(fields[2]) == pgid}
+    below = [pgid]
+    while below:
+        for child in children.get(below.pop(), []):
+            if child not in family:
+                family.add(child)
+                below.append(child)
+    return sorted(pid for pid in family if stats[pid][0] != "Z")
+
+
+def _alive(pids: list[int]) -> set[int]:
+    return {pid for pid in pids if (fields := _stat_fields(pid)) is not None and fields[0] != "Z"}
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -230,3 +230,19 @@ def test_every_counter_has_a_word_of_its_own() -> None:
         sum(durations[c % len(durations)] for c in range(1000))
     )
     assert stats.requests == 1000
+
+
+def test_since_finds_every_changed_code_whichever_block_it_is_in() -> None:
+    stats = VersionStats()
+    for code in (200, 200, 503):
+        stats.observe(code, 0.01)
+    before = stats.copy()
+    changed = {0: 1, 49: 2, 50: 1, 200: 3, 999: 1}  # block edges, and a code seen before
+    for code, n in changed.items():
+        for _ in range(n):
+            stats.observe(code, 0.01)
+    delta = stats.since(before)
+    assert delta is not None
+    assert delta[0] == changed
+    assert sum(delta[1]) == sum(changed.values())
+    assert stats.since(stats.copy()) is None
