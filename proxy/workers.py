@@ -162,7 +162,7 @@ class Worker:
             # A terminal's Ctrl-C or hang-up reaches the whole process group: the supervisor
             # decides, and passes SIGTERM on.
             self.loop.add_signal_handler(signum, lambda: None)
-        self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGTERM, self.drain)
         listening = self.loop.create_task(self._listen())
         reporting = self.loop.create_task(self._report_forever())
         await self.stopping.wait()
@@ -177,6 +177,14 @@ class Worker:
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
         self.writer.close()
+
+    def drain(self) -> None:
+        """Stop taking connections, finish what is in flight, then exit. The supervisor hears
+        of it first: this worker is no longer ready, and no change waits for it."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            if not self.writer.is_closing():
+                send(self.writer, ("draining",))
 
     async def _listen(self) -> None:
         while True:
@@ -204,7 +212,7 @@ class Worker:
                         "worker %d: cannot apply the new config; draining, to be started again",
                         os.getpid(),
                     )
-                    self.stopping.set()
+                    self.drain()
                     return
                 self.holder.controller.follow(states)
             case ("states", dict() as states):
@@ -433,6 +441,7 @@ class WorkerPool:
             await asyncio.sleep(pause)
 
     async def _run_once(self, worker: WorkerHandle) -> int | None:
+        worker.started_at = self.loop.time()  # a start that fails at once has lived 0 s
         counters = create_block()
         try:
             return await self._run_process(worker, counters)
@@ -467,7 +476,6 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         worker.process, worker.writer, worker.pid = process, writer, process.pid
         worker.reported, worker.reported_rejected = {}, {}
-        worker.started_at = self.loop.time()
         worker.ready.clear()
         assert self.listen is not None
         send(writer, ("config", self.holder.current.config, self._states(), self.listen))
@@ -541,25 +549,36 @@ class WorkerPool:
                 worker.ready.set()
             case ("synced", int() as number):
                 worker.synced(number)
+            case ("draining",):  # it serves what it has in flight, then exits
+                worker.ready.clear()
+                worker.synced(self._syncs)
             case _:
                 log.error("worker %d sent an unknown message", worker.index)
 
     def take(self, worker: WorkerHandle, report: Report) -> None:
-        """A worker's report: its counts join the supervisor's, and its slot's figures."""
-        self.add(report)
+        """A worker's report: its counts join the supervisor's and are marked as brought (so
+        recovery never adds them again, even if judging them fails), then the guard's part."""
+        self.add_counts(report)
         worker.took(report)
         worker.connections = report.connections
+        self.add_tallies(report)
 
     def add(self, report: Report) -> None:
-        """A worker's counts join the supervisor's: metrics, then the guard's windows; canary
-        errors are judged at once."""
+        self.add_counts(report)
+        self.add_tallies(report)
+
+    def add_counts(self, report: Report) -> None:
+        """A worker's counts join the supervisor's recorder, which `/metrics` exposes."""
         holder = self.holder
         routes = holder.current.routes
         for route, version, _, delta in report.stats:
             if route in routes:  # a route a reload removed has no series any more
                 holder.outcomes.stats_for(route, version).add(delta)
         holder.outcomes.add_rejected(report.rejected)
-        controller = holder.controller
+
+    def add_tallies(self, report: Report) -> None:
+        """A worker's tallies join the guard's windows; canary errors are judged at once."""
+        controller = self.holder.controller
         judge: set[str] = set()
         for route, epoch, canary, requests, errors, buckets in report.tallies:
             controller.add_tally(route, epoch, canary, _counts(requests, errors, buckets))
@@ -649,6 +668,11 @@ class WorkerPool:
             if worker.process is not None and worker.process not in processes:
                 _kill(worker.process)
                 await worker.process.wait()
+        # Each slot's task ends by itself once its process has: it reads the last report and
+        # recovers what the worker counted after it. Cancelled only if that takes too long.
+        slots = self._tasks[: len(self.workers)]
+        if slots:
+            await asyncio.wait(slots, timeout=SETTLE_SECONDS)
         for task in self._tasks:
             task.cancel()
             try:

@@ -366,6 +366,32 @@ async def test_what_a_worker_counted_just_before_it_was_killed_is_in_the_metrics
         assert len(stable.received) + len(canary.received) == 30
 
 
+async def test_a_change_does_not_wait_for_a_worker_that_dies_meanwhile(
+    tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
+) -> None:
+    async with (
+        two_workers(tmp_path, config(tmp_path, stable, canary)) as proxy,
+        open_session(limit=CONNECTIONS) as session,
+    ):
+        stopped = (await status(session, proxy))["workers"][1]
+        os.kill(stopped["pid"], signal.SIGSTOP)  # it cannot confirm the change
+
+        async def set_weight() -> int:
+            async with session.put(
+                proxy.admin_url + "/routes/shop/weight", json={"weight": 50}, headers=AUTH
+            ) as response:
+                return response.status
+
+        answer = asyncio.create_task(set_weight())
+        await asyncio.sleep(0.2)  # the supervisor waits for the stopped worker (up to 1 s)
+        os.kill(stopped["pid"], signal.SIGKILL)
+        assert await answer == 200
+        # Answered when the worker was gone (its replacement starts on the new weight), not
+        # when the wait for its confirmation ran out.
+        assert "did not confirm" not in proxy.logged()
+        await eventually(lambda: replaced(session, proxy, stopped), within=10)
+
+
 async def test_sigterm_drains_every_worker_and_exits_0(
     tmp_path: Path, stable: FakeUpstream, canary: FakeUpstream
 ) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 from bisect import bisect_left
 from collections.abc import AsyncIterator
@@ -668,3 +669,81 @@ async def test_settled_stops_waiting_for_a_worker_that_has_gone() -> None:
         pool.workers[0].synced(1)  # what `_run_process` does when the channel closes
         async with asyncio.timeout(0.5):
             await waiting
+
+
+async def test_a_worker_that_drains_is_not_ready_and_no_change_waits_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    async with followed_by(pool, 0) as (worker,):
+        (route,) = config(canary=V3).routes
+        broken = replace(route, stable=replace(route.stable, upstreams=(cast(Upstream, None),)))
+        new = replace(pool.holder.current.config, routes=(broken,))
+        with caplog.at_level(logging.WARNING, logger="canary_proxy"):
+            writer = pool.workers[0].writer
+            assert writer is not None
+            send(writer, ("config", new, {}, new.listen))  # it cannot build it
+            async with asyncio.timeout(0.5):
+                await pool.settled()  # no wait for a worker on its way out
+        assert worker.stopping.is_set()
+        assert not pool.workers[0].ready.is_set()
+        assert "did not confirm" not in caplog.text
+
+
+async def test_counts_are_marked_brought_even_if_judging_the_report_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with supervised() as (pool, worker, block):
+        serve(worker, ok=2, errors=1)
+
+        def broken(*_: object) -> None:
+            raise RuntimeError("a bug in the guard")
+
+        monkeypatch.setattr(pool, "add_tallies", broken)
+        with pytest.raises(RuntimeError):
+            pool.take(pool.workers[0], worker.collect())
+        pool.recover(pool.workers[0], block)  # adds nothing: the report's counts are in
+    assert pool.holder.outcomes.requests == {("shop", "canary", 200): 2, ("shop", "canary", 503): 1}
+
+
+class Restarts(logging.Handler):
+    """Notes the pause of each "starting it again" the supervisor logs."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.pauses: list[str] = []
+        self.wanted = wanted
+        self.enough = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if found := re.search(r"starting it again in ([0-9.]+)s", record.getMessage()):
+            self.pauses.append(found[1])
+            if len(self.pauses) >= self.wanted:
+                self.enough.set()
+
+
+async def test_a_slot_whose_process_cannot_even_start_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    slot = pool.workers[0]
+    slot.started_at = pool.loop.time() - 3600  # its last process had lived an hour
+
+    def no_block(capacity: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(workers_module, "create_block", no_block)
+    restarts = Restarts(wanted=3)
+    logger = logging.getLogger("canary_proxy")
+    logger.addHandler(restarts)
+    try:
+        kept = asyncio.create_task(pool._keep_running(slot))
+        async with asyncio.timeout(5):
+            await restarts.enough.wait()
+        pool.stopping = True
+        kept.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await kept
+    finally:
+        logger.removeHandler(restarts)
+    assert restarts.pauses[:3] == ["0.1", "0.2", "0.4"]
