@@ -12,7 +12,10 @@ Layout (native 64-bit words: both sides run on one machine):
 
 - header, one page: MAGIC, capacity (series slots), allocated (slots in use);
 - rejected requests: one word per status code;
-- names: `capacity` entries of NAME_BYTES, each a route and a version, length-prefixed UTF-8;
+- names: `capacity` entries of NAME_BYTES, each a route and a version, length-prefixed UTF-8,
+  and whether the series was dropped by a reload (its slot is then never recovered: what it
+  counted after its last report, and what requests in flight added to it, count for nothing,
+  as for a dropped series in one process);
 - series: `capacity` slots of SERIES_BYTES (proxy/metrics.py lays a slot out).
 
 The memfd is sparse: a slot costs memory once it is used. Only the worker writes the block,
@@ -43,7 +46,9 @@ _PAGE: Final = 4096
 _REJECTED_AT: Final = _PAGE
 _NAMES_AT: Final = _REJECTED_AT + (REJECTED_BYTES + _PAGE - 1) // _PAGE * _PAGE
 NAME_BYTES: Final = 256
-_NAME_LENGTHS: Final = struct.Struct("=HH")  # route and version name lengths, in bytes
+# Route and version name lengths in bytes, and 1 once the series was dropped (retired).
+NAME_HEADER: Final = struct.Struct("=HHB")
+_RETIRED_AT: Final = 4
 # Routes x 2 versions, over every reload of one worker's life (a dropped series keeps its slot).
 DEFAULT_CAPACITY: Final = 1024
 
@@ -120,10 +125,13 @@ class SharedCounters:
         start = self._series_at + slot * SERIES_BYTES
         return slot, self._memory[start : start + SERIES_BYTES]
 
+    def retire(self, slot: int) -> None:
+        self._map[_NAMES_AT + slot * NAME_BYTES + _RETIRED_AT] = 1
+
 
 def _encode_name(route: str, version: str) -> bytes | None:
     route_bytes, version_bytes = route.encode(), version.encode()
-    name = _NAME_LENGTHS.pack(len(route_bytes), len(version_bytes)) + route_bytes + version_bytes
+    name = NAME_HEADER.pack(len(route_bytes), len(version_bytes), 0) + route_bytes + version_bytes
     return name if len(name) <= NAME_BYTES else None
 
 
@@ -132,7 +140,7 @@ def _encode_name(route: str, version: str) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class Counted:
-    """Everything a worker's block held when the worker had gone."""
+    """Everything a worker's block held when the worker had gone (its live series)."""
 
     rejected: dict[int, int]
     series: list[tuple[int, str, str, VersionStats]]  # slot, route, version, counters
@@ -153,8 +161,10 @@ def read_block(fd: int) -> Counted:
     series = []
     for slot in range(allocated):
         entry = slot * NAME_BYTES
-        route_length, version_length = _NAME_LENGTHS.unpack_from(names, entry)
-        at = entry + _NAME_LENGTHS.size
+        route_length, version_length, retired = NAME_HEADER.unpack_from(names, entry)
+        if retired:
+            continue
+        at = entry + NAME_HEADER.size
         route = names[at : at + route_length].decode()
         version = names[at + route_length : at + route_length + version_length].decode()
         memory = memoryview(bytearray(data[slot * SERIES_BYTES : (slot + 1) * SERIES_BYTES]))

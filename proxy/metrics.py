@@ -199,6 +199,9 @@ class CounterMemory(Protocol):
     def series(self, route: str, version: str) -> tuple[int, memoryview]:
         """SERIES_BYTES of zeroes for a new series, and their slot (-1 if not shared)."""
 
+    def retire(self, slot: int) -> None:
+        """The series in `slot` was dropped: what it counts from now on counts for nothing."""
+
 
 class PrivateMemory:
     """This process's own memory."""
@@ -208,6 +211,9 @@ class PrivateMemory:
 
     def series(self, route: str, version: str) -> tuple[int, memoryview]:
         return -1, memoryview(bytearray(SERIES_BYTES))
+
+    def retire(self, slot: int) -> None:
+        pass
 
 
 class Recorder:
@@ -234,6 +240,9 @@ class Recorder:
     def keep_routes(self, names: Iterable[str]) -> None:
         """Drop the series of routes a new config no longer has."""
         keep = set(names)
+        for (route, _), stats in self._stats.items():
+            if route not in keep and stats.slot >= 0:
+                self._memory.retire(stats.slot)
         self._stats = {key: s for key, s in self._stats.items() if key[0] in keep}
         self.rollbacks = {key: n for key, n in self.rollbacks.items() if key[0] in keep}
         self.breaches = {key: n for key, n in self.breaches.items() if key[0] in keep}

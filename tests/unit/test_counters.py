@@ -12,6 +12,7 @@ import pytest
 
 from proxy.counters import (
     NAME_BYTES,
+    NAME_HEADER,
     SharedCounters,
     block_size,
     create_block,
@@ -121,15 +122,20 @@ def test_nothing_is_unreported_when_the_reports_brought_it_all(block: int) -> No
     assert rejected == {}
 
 
-def test_a_series_dropped_and_added_again_gets_a_new_slot_and_both_are_read(block: int) -> None:
+def test_a_series_a_reload_dropped_is_never_recovered_and_its_name_gets_a_new_slot(
+    block: int,
+) -> None:
     recorder = worker_recorder(block)
-    recorder.stats_for("shop", "stable").observe(200, 0.01)
-    recorder.keep_routes([])  # a reload without the route...
-    recorder.stats_for("shop", "stable").observe(500, 0.01)  # ...and one with it again
+    dropped = recorder.stats_for("shop", "stable")
+    dropped.observe(200, 0.01)
+    recorder.stats_for("blog", "stable").observe(200, 0.01)
+    recorder.keep_routes(["blog"])  # a reload without shop
+    dropped.observe(500, 0.01)  # a request in flight on the old config finishes
+    recorder.stats_for("shop", "stable").observe(404, 0.01)  # and a reload with it again
     series = read_block(block).series
     assert [(slot, route, stats.codes) for slot, route, _, stats in series] == [
-        (0, "shop", {200: 1}),
-        (1, "shop", {500: 1}),
+        (1, "blog", {200: 1}),
+        (2, "shop", {404: 1}),
     ]
 
 
@@ -161,11 +167,13 @@ def test_a_name_too_long_for_its_entry_gets_private_memory(block: int) -> None:
     assert [route for _, route, _, _ in read_block(block).series] == ["shop"]
 
 
-def test_names_are_utf8_of_any_length_that_fits(block: int) -> None:
+def test_names_are_utf8_of_any_length_that_fits_their_entry(block: int) -> None:
     recorder = worker_recorder(block)
-    route = "é" * ((NAME_BYTES - 4 - len("canary")) // 2)  # two bytes each: fills the entry
-    recorder.stats_for(route, "canary").observe(200, 0.01)
-    assert [(r, v) for _, r, v, _ in read_block(block).series] == [(route, "canary")]
+    room = NAME_BYTES - NAME_HEADER.size - len("canary")
+    longest = "é" * (room // 2) + "a" * (room % 2)  # two bytes each: the entry full
+    assert recorder.stats_for(longest, "canary").slot == 0
+    assert recorder.stats_for(longest + "a", "canary").slot == -1  # one byte too many
+    assert [(r, v) for _, r, v, _ in read_block(block).series] == [(longest, "canary")]
 
 
 def test_a_worker_refuses_what_is_not_a_fresh_block(block: int) -> None:
