@@ -563,10 +563,6 @@ class WorkerPool:
         worker.connections = report.connections
         self.add_tallies(report)
 
-    def add(self, report: Report) -> None:
-        self.add_counts(report)
-        self.add_tallies(report)
-
     def add_counts(self, report: Report) -> None:
         """A worker's counts join the supervisor's recorder, which `/metrics` exposes."""
         holder = self.holder

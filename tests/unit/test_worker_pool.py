@@ -77,6 +77,11 @@ def report(*tallies: tuple[str, int, bool, int, int]) -> Report:
     )
 
 
+def take(pool: WorkerPool, report: Report) -> None:
+    """The supervisor takes `report` as from its first worker."""
+    pool.take(pool.workers[0], report)
+
+
 def delta(codes: dict[int, int], duration: float = FAST) -> StatsDelta:
     stats = VersionStats()
     for code, n in codes.items():
@@ -336,12 +341,12 @@ async def test_two_workers_below_min_requests_alone_trip_one_guard_together() ->
     async with in_process(config(), states) as one, in_process(config(), states) as two:
         serve(one, ok=8, errors=2)  # 10 requests: too few to judge, in either worker
         serve(two, ok=8, errors=2)
-        pool.add(one.collect())
+        take(pool, one.collect())
         live = shop(leader).state
         assert not live.aborted
         assert live.assessment is not None
         assert live.assessment.verdict == "inconclusive"  # judged on arrival: it had errors
-        pool.add(two.collect())
+        take(pool, two.collect())
         assert live.aborted  # 4 errors in 20 requests, over both workers
         assert live.weight_bp == 0
         assert leader.outcomes.rollbacks == {("shop", "error_rate"): 1}
@@ -357,13 +362,13 @@ async def test_a_report_with_canary_errors_is_judged_on_arrival_and_one_without_
     leader = RuntimeHolder(config())
     pool = WorkerPool(leader, 1)
     live = shop(leader).state
-    pool.add(report(("shop", live.epoch, True, 30, 0), ("shop", live.epoch, False, 30, 30)))
+    take(pool, report(("shop", live.epoch, True, 30, 0), ("shop", live.epoch, False, 30, 30)))
     assert live.assessment is None  # left for the tick
     assert not live.aborted
-    pool.add(report(("shop", live.epoch, True, 1, 1)))
+    take(pool, report(("shop", live.epoch, True, 1, 1)))
     assert live.assessment is not None
     assert live.assessment.verdict == "healthy"  # 1 error in 31 requests
-    pool.add(report(("shop", live.epoch, True, 10, 10)))
+    take(pool, report(("shop", live.epoch, True, 10, 10)))
     assert live.aborted
 
 
@@ -375,7 +380,7 @@ async def test_slow_canary_responses_reported_by_workers_trip_the_guard_on_the_t
     live = shop(leader).state
     slow = bisect_left(LATENCY_BOUNDS, 2.0)
     for _ in range(2):  # two workers, 15 slow responses each, no errors
-        pool.add(Report([], {}, [("shop", live.epoch, True, 15, 0, ((slow, 15),))], 0))
+        take(pool, Report([], {}, [("shop", live.epoch, True, 15, 0, ((slow, 15),))], 0))
     assert not live.aborted  # no error: left for the tick
     leader.controller.tick(leader.canary_stats)
     assert live.aborted
@@ -389,13 +394,13 @@ async def test_a_report_of_an_old_epoch_is_ignored() -> None:
     leader.controller.act("shop", "abort", leader.canary_stats("shop"), reason="bad")
     old = live.epoch
     leader.controller.act("shop", "retry", leader.canary_stats("shop"))
-    pool.add(report(("shop", old, True, 40, 40), ("shop", old, False, 40, 0)))
+    take(pool, report(("shop", old, True, 40, 40), ("shop", old, False, 40, 0)))
     assert not live.aborted
     assert live.canary_window is not None
     assert live.stable_window is not None
     assert live.canary_window.snapshot(monotonic()).requests == 0
     assert live.stable_window.snapshot(monotonic()).requests == 0
-    pool.add(report(("shop", live.epoch, True, 40, 40)))  # the current epoch does count
+    take(pool, report(("shop", live.epoch, True, 40, 40)))  # the current epoch does count
     assert live.aborted
 
 
@@ -410,7 +415,7 @@ async def test_a_report_for_a_route_no_longer_in_the_config_adds_no_series() -> 
         tallies=[("shop", epoch, True, 40, 40, ((FAST_BUCKET, 40),))],
         connections=1,
     )
-    pool.add(late)
+    take(pool, late)
     assert {route for route, _, _ in leader.outcomes.series()} == {"blog"}
     assert leader.outcomes.requests == {("blog", "stable", 200): 1}
     assert "shop" not in leader.controller.live
@@ -429,8 +434,8 @@ async def test_every_workers_counts_add_up_in_the_supervisors_recorder() -> None
                 shop(worker.holder).stable_stats.observe(404, 0.2 * (round_ + 1))
                 shop(worker.holder).stable_stats.upstream_error("timeout")
                 worker.holder.outcomes.record_rejected(400)
-                pool.add(worker.collect())
-            pool.add(one.collect())  # nothing new: adds nothing
+                take(pool, worker.collect())
+            take(pool, one.collect())  # nothing new: adds nothing
         for version in ("stable", "canary"):
             total = leader.outcomes.stats_for("shop", version)
             each = [w.holder.outcomes.stats_for("shop", version) for w in workers]
@@ -462,9 +467,9 @@ async def test_every_workers_counts_add_up_in_the_supervisors_recorder() -> None
 async def test_counts_added_from_reports_survive_a_reload_that_keeps_the_route() -> None:
     leader = RuntimeHolder(config())
     pool = WorkerPool(leader, 1)
-    pool.add(Report([("shop", "canary", -1, delta({200: 2}))], {}, [], 0))
+    take(pool, Report([("shop", "canary", -1, delta({200: 2}))], {}, [], 0))
     leader.swap(config(split={"weight": 20}))
-    pool.add(Report([("shop", "canary", -1, delta({200: 3}))], {}, [], 0))
+    take(pool, Report([("shop", "canary", -1, delta({200: 3}))], {}, [], 0))
     assert leader.outcomes.requests == {("shop", "canary", 200): 5}
     assert shop(leader).canary_stats.requests == 5  # the data path's object is the same one
 
