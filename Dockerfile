@@ -19,7 +19,7 @@ RUN mkdir proxy && touch proxy/__init__.py \
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && pip install --no-cache-dir --no-deps /wheels/*.whl \
- && python -c "import proxy.server as s; assert s.__file__.endswith('.so'), s.__file__"
+ && python -c "import proxy.dataplane.server as s; assert s.__file__.endswith('.so'), s.__file__"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/canary-proxy --create-home canary

@@ -18,14 +18,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.admin import AdminSetupError, AdminState, check_exposure, create_app, load_token
-from proxy.config import Config, ConfigError, ConfigProblem
-from proxy.control import Reloader
-from proxy.metrics import ProxyCollector, build_registry
-from proxy.runtime import RuntimeHolder
-from proxy.server import Server
-from proxy.store import StateStore
-from proxy.workers import WorkerPool
+from proxy.control.admin import AdminSetupError, AdminState, check_exposure, create_app, load_token
+from proxy.control.exposition import ProxyCollector, build_registry
+from proxy.control.reloads import Reloader
+from proxy.control.store import StateStore
+from proxy.control.workers import WorkerPool
+from proxy.core.config import Config, ConfigError, ConfigProblem
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.server import Server
 
 log = logging.getLogger("canary_proxy")
 

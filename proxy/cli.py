@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from proxy.client import DEFAULT_ADMIN
-from proxy.config import MAX_WORKERS, Config, ConfigError
-from proxy.loader import format_problems, load_config_file
+from proxy.control.loader import format_problems, load_config_file
+from proxy.core.config import MAX_WORKERS, Config, ConfigError
 
 EXIT_OK: Final = 0
 EXIT_RUNTIME: Final = 1
@@ -148,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config or _default_config_path(), args.workers)
     if args.command == "worker":
-        from proxy.workers import run_worker
+        from proxy.control.workers import run_worker
 
         _install_uvloop()
         asyncio.run(run_worker(args.fd, args.counters_fd))
@@ -257,7 +257,7 @@ def _check(path: str) -> int:
 def _schema() -> int:
     import json
 
-    from proxy.schema import config_schema
+    from proxy.core.schema import config_schema
 
     print(json.dumps(config_schema(), indent=2))
     return EXIT_OK
@@ -279,9 +279,9 @@ def _run(path: str, workers: int | str | None) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
-    from proxy.admin import AdminSetupError
     from proxy.app import serve
-    from proxy.workers import worker_count
+    from proxy.control.admin import AdminSetupError
+    from proxy.control.workers import worker_count
 
     _install_uvloop()
     try:

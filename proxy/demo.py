@@ -27,10 +27,10 @@ from typing import Final, Literal, Protocol, TextIO
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from proxy.app import Proxy
-from proxy.bucketing import bucket, in_canary
-from proxy.config import BASIS_POINTS, Config, parse_config
-from proxy.runtime import RouteRuntime
-from proxy.window import LATENCY_BOUNDS, WindowCounts
+from proxy.core.bucketing import bucket, in_canary
+from proxy.core.config import BASIS_POINTS, Config, parse_config
+from proxy.core.window import LATENCY_BOUNDS, WindowCounts
+from proxy.dataplane.runtime import RouteRuntime
 
 Scenario = Literal["failing", "healthy"]
 

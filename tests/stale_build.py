@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 def stale_extensions(package: Path) -> list[str]:
     """Modules whose compiled extension is older than their source."""
     stale = []
-    for extension in sorted(package.glob("*.so")):
-        source = package / (extension.name.split(".", 1)[0] + ".py")
+    for extension in sorted(package.rglob("*.so")):
+        source = extension.parent / (extension.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
-            stale.append(source.name)
+            stale.append(str(source.relative_to(package.parent)))
     return stale
 
 

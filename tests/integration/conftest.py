@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from fakes import TEST_TIMEOUTS, FakeUpstream, MakeProxy, ProxyHandle, RawExchange, close_writer
 
-from proxy.config import parse_config
-from proxy.runtime import RuntimeHolder
-from proxy.server import Server
+from proxy.core.config import parse_config
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.server import Server
 
 
 @pytest.fixture

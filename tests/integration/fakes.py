@@ -17,8 +17,8 @@ from typing import Final, Protocol, Self
 
 from aiohttp import WSMsgType, web
 
-from proxy.runtime import RuntimeHolder
-from proxy.server import Server
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.server import Server
 
 HOST: Final = "127.0.0.1"
 CHUNK: Final = 64 * 1024

@@ -25,7 +25,7 @@ from fakes import TEST_TIMEOUTS, FakeUpstream, eventually, stall
 from proxy_process import CANARY_PROXY, TOKEN_ENV, running_proxy, scrape
 
 from proxy.app import Proxy
-from proxy.loader import load_config_file
+from proxy.control.loader import load_config_file
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 TOKEN: Final = "tok-7f3a9c51e2d84b06-secret"

@@ -46,9 +46,9 @@ from proxy_process import (
     write_config,
 )
 
-from proxy.bucketing import bucket, in_canary
-from proxy.loader import load_config_file, parse_config_text
-from proxy.metrics import GUARD_ACTIONS, ROLLBACK_REASONS
+from proxy.control.loader import load_config_file, parse_config_text
+from proxy.core.bucketing import bucket, in_canary
+from proxy.dataplane.outcomes import GUARD_ACTIONS, ROLLBACK_REASONS
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CONFIG: Final = ROOT / "config"

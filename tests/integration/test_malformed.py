@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import parse_config
-from proxy.runtime import RuntimeHolder
-from proxy.server import Server
+from proxy.core.config import parse_config
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.server import Server
 
 LOCALHOST = "127.0.0.1"
 HOST = b"Host: shop.example\r\n"

@@ -24,7 +24,7 @@ from fakes import TEST_TIMEOUTS, FakeUpstream, unused_port
 from proxy_process import run_cli
 
 from proxy.app import Proxy
-from proxy.loader import load_config_file
+from proxy.control.loader import load_config_file
 
 TOKEN: Final = "rollout-api-token-5d1e"
 AUTH: Final = {"Authorization": f"Bearer {TOKEN}"}

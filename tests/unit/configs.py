@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.config import Config, parse_config
+from proxy.core.config import Config, parse_config
 
 
 def minimal() -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.bucketing import BUCKETS, bucket, in_canary
+from proxy.core.bucketing import BUCKETS, bucket, in_canary
 
 _MASK: Final = 0xFFFF_FFFF
 

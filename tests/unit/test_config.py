@@ -13,7 +13,8 @@ from configs import minimal, with_canary
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import (
+from proxy.control.loader import format_problems, load_config_file, parse_config_text
+from proxy.core.config import (
     BASIS_POINTS,
     Address,
     Admin,
@@ -31,7 +32,6 @@ from proxy.config import (
     Version,
     parse_config,
 )
-from proxy.loader import format_problems, load_config_file, parse_config_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "proxy.yaml"
 BASE_DIR = "/etc/canary-proxy"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError
-from proxy.control import Reloader
-from proxy.loader import load_config_file
-from proxy.runtime import RuntimeHolder
+from proxy.control.loader import load_config_file
+from proxy.control.reloads import Reloader
+from proxy.core.config import ConfigError
+from proxy.dataplane.runtime import RuntimeHolder
 
 CONFIG = """\
 listen: "127.0.0.1:0"

@@ -11,11 +11,11 @@ from typing import Final
 import pytest
 from configs import guarded
 
-from proxy.config import Config
-from proxy.controller import PersistError
-from proxy.metrics import ROLLBACK_REASONS
-from proxy.runtime import RouteRuntime, RuntimeHolder
-from proxy.store import StateStore
+from proxy.control.controller import PersistError
+from proxy.control.store import StateStore
+from proxy.core.config import Config
+from proxy.dataplane.outcomes import ROLLBACK_REASONS
+from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
 
 
 class Clock:

@@ -8,10 +8,10 @@ from time import monotonic
 
 from configs import guarded
 
-from proxy.config import Config, parse_config
-from proxy.controller import RouteStates
-from proxy.runtime import RouteRuntime, RuntimeHolder
-from proxy.window import SlidingWindow, Tally, TallyCounts
+from proxy.control.controller import RouteStates
+from proxy.core.config import Config, parse_config
+from proxy.core.window import SlidingWindow, Tally, TallyCounts
+from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
 
 
 def config(**route: object) -> Config:

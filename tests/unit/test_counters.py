@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.counters import (
+from proxy.control.counters import (
     NAME_BYTES,
     NAME_HEADER,
     SharedCounters,
@@ -19,7 +19,7 @@ from proxy.counters import (
     read_block,
     unreported,
 )
-from proxy.metrics import (
+from proxy.dataplane.outcomes import (
     DURATION_BUCKETS,
     SERIES_BYTES,
     UPSTREAM_ERROR_KINDS,

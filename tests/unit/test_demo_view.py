@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from proxy.core.window import WindowCounts
 from proxy.demo import (
     RECENT_LINES,
     Plan,
@@ -25,7 +26,6 @@ from proxy.demo import (
     render_status,
     version_numbers,
 )
-from proxy.window import WindowCounts
 
 T0 = 1_700_000_000.0
 

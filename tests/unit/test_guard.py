@@ -10,9 +10,9 @@ from typing import Final
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import Guard
-from proxy.guard import Assessment, assess
-from proxy.window import SlidingWindow, WindowCounts
+from proxy.core.config import Guard
+from proxy.core.guard import Assessment, assess
+from proxy.core.window import SlidingWindow, WindowCounts
 
 GUARD: Final = Guard(
     window=10.0, min_requests=20, max_error_rate=0.05, max_error_rate_increase=0.02

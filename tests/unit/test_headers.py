@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import (
+from proxy.core.headers import (
     HOP_BY_HOP,
     forwarded_for,
     is_valid_host,

@@ -1,7 +1,8 @@
 """The pure core never imports the shell's frameworks, directly or through another module.
 
-DESIGN.md §9: config, bucketing, routing, headers, window, guard and rollout stay free of
-asyncio, aiohttp, prometheus_client and yaml (and of uvloop and httptools, the data plane's).
+Every module of `proxy/core/` (docs/architecture.md) stays free of asyncio, aiohttp,
+prometheus_client and yaml (and of uvloop and httptools, the data plane's), and of the shell's
+own packages.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ PACKAGE: Final = "proxy"  # our own imports are followed; everything else is a l
 FORBIDDEN: Final = frozenset(
     {"asyncio", "aiohttp", "prometheus_client", "yaml", "uvloop", "httptools"}
 )
-REQUIRED_PURE: Final = ("proxy.config", "proxy.bucketing", "proxy.routing")
-# Later pure modules are checked as soon as their files exist.
-PURE_MODULES: Final = (
-    *REQUIRED_PURE,
-    "proxy.headers",
-    "proxy.window",
-    "proxy.guard",
-    "proxy.rollout",
-    "proxy.schema",
-)
+CORE: Final = "proxy.core"
+REQUIRED_PURE: Final = ("proxy.core.config", "proxy.core.bucketing", "proxy.core.routing")
+
+
+def package_modules(package: str) -> tuple[str, ...]:
+    """Every module of a package of ours, found on disk: a new module is checked by being there."""
+    folder = ROOT.joinpath(*package.split("."))
+    return tuple(sorted(f"{package}.{path.stem}" for path in folder.glob("*.py")))
+
+
+PURE_MODULES: Final = package_modules(CORE)
 
 # A module's source and whether it is a package (its `__init__`), or None if it does not exist.
 Loader = Callable[[str], tuple[str, bool] | None]

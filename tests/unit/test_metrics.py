@@ -15,21 +15,20 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, parse_config
-from proxy.metrics import (
+from proxy.control.exposition import ProxyCollector, build_registry
+from proxy.core.config import Config, parse_config
+from proxy.dataplane.outcomes import (
     DURATION_BUCKETS,
     GUARD_ACTIONS,
     ROLLBACK_REASONS,
     ROLLOUT_STATES,
     UPSTREAM_ERROR_KINDS,
-    ProxyCollector,
     Recorder,
     RollbackReason,
     RouteView,
     VersionStats,
-    build_registry,
 )
-from proxy.runtime import RuntimeHolder
+from proxy.dataplane.runtime import RuntimeHolder
 
 PROMTOOL: Final = "/usr/bin/promtool"
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import Guard, GuardAction, Match, Rollout, Route, Split, Upstream, Version
-from proxy.rollout import (
+from proxy.core.config import Guard, GuardAction, Match, Rollout, Route, Split, Upstream, Version
+from proxy.core.rollout import (
     STATES,
     Change,
     RolloutError,

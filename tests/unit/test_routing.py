@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.bucketing import BUCKETS, bucket
-from proxy.config import Match, Route, Split, Version
-from proxy.routing import (
+from proxy.core.bucketing import BUCKETS, bucket
+from proxy.core.config import Match, Route, Split, Version
+from proxy.core.routing import (
     HOST_CACHE_SIZE,
     RouteTable,
     choose_version,

@@ -3,9 +3,9 @@ counters), what it retires, and that the runtime it replaces is left as it was."
 
 from __future__ import annotations
 
-from proxy.config import Config, Upstream, parse_config
-from proxy.runtime import RuntimeHolder
-from proxy.upstream import Instance, UpstreamConnection
+from proxy.core.config import Config, Upstream, parse_config
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.upstream import Instance, UpstreamConnection
 
 STABLE_A = "http://127.0.0.1:8001"
 STABLE_B = "http://127.0.0.1:8003"

@@ -18,7 +18,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from proxy.cli import main
-from proxy.config import (
+from proxy.control.loader import load_config_file
+from proxy.core.config import (
     _ADDRESS,
     _DURATION,
     _ENV_NAME,
@@ -34,8 +35,7 @@ from proxy.config import (
     ValueKind,
     parse_config,
 )
-from proxy.loader import load_config_file
-from proxy.schema import DIALECT, SCHEMA_ID, config_schema
+from proxy.core.schema import DIALECT, SCHEMA_ID, config_schema
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 EXAMPLES: Final = [ROOT / "config" / "proxy.yaml", *sorted(ROOT.glob("config/examples/*.yaml"))]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from proxy.config import Upstream
-from proxy.upstream import Instance, UpstreamConnection, VersionPool
+from proxy.core.config import Upstream
+from proxy.dataplane.upstream import Instance, UpstreamConnection, VersionPool
 
 
 def three_instances() -> VersionPool:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.window import (
+from proxy.core.window import (
     LATENCY_BOUNDS,
     Evidence,
     SlidingWindow,

@@ -18,14 +18,10 @@ from typing import cast
 import pytest
 from configs import guarded
 
-import proxy.workers as workers_module
-from proxy.config import Config, Upstream
-from proxy.controller import RouteStates
-from proxy.counters import SharedCounters, create_block
-from proxy.metrics import DURATION_BUCKETS, CounterMemory, StatsDelta, VersionStats
-from proxy.runtime import RouteRuntime, RuntimeHolder
-from proxy.window import LATENCY_BOUNDS, Tally
-from proxy.workers import (
+import proxy.control.workers as workers_module
+from proxy.control.controller import RouteStates
+from proxy.control.counters import SharedCounters, create_block
+from proxy.control.workers import (
     Backoff,
     Report,
     Worker,
@@ -35,6 +31,10 @@ from proxy.workers import (
     send,
     worker_count,
 )
+from proxy.core.config import Config, Upstream
+from proxy.core.window import LATENCY_BOUNDS, Tally
+from proxy.dataplane.outcomes import DURATION_BUCKETS, CounterMemory, StatsDelta, VersionStats
+from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
 
 FAST = 0.01  # seconds: every response of these tests lands in one latency bucket
 FAST_BUCKET = 22  # its index into LATENCY_BOUNDS

@@ -18,12 +18,12 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.config import Admin, ConfigError
-from proxy.control import Reloader
-from proxy.controller import RECENT_EVENTS, PersistError
-from proxy.rollout import RolloutError
-from proxy.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
-from proxy.window import WindowCounts
+from proxy.control.controller import RECENT_EVENTS, PersistError
+from proxy.control.reloads import Reloader
+from proxy.core.config import Admin, ConfigError
+from proxy.core.rollout import RolloutError
+from proxy.core.window import WindowCounts
+from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
 
 MUTATING_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 YAML_TYPES: Final = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})

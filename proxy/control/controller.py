@@ -20,16 +20,16 @@ from dataclasses import dataclass, replace
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
-from proxy import rollout
-from proxy.config import Guard, Route
-from proxy.guard import Assessment, assess
-from proxy.metrics import Recorder, RollbackReason, VersionStats
-from proxy.rollout import RolloutState, Transition
-from proxy.store import StateStore
-from proxy.window import Evidence, SlidingWindow, Tally, TallyCounts, WindowCounts
+from proxy.control.store import StateStore
+from proxy.core import rollout
+from proxy.core.config import Guard, Route
+from proxy.core.guard import Assessment, assess
+from proxy.core.rollout import RolloutState, Transition
+from proxy.core.window import Evidence, SlidingWindow, Tally, TallyCounts, WindowCounts
+from proxy.dataplane.outcomes import Recorder, RollbackReason, VersionStats
 
 if TYPE_CHECKING:
-    from proxy.runtime import RouteRuntime
+    from proxy.dataplane.runtime import RouteRuntime
 
 log = logging.getLogger("canary_proxy")
 

@@ -12,7 +12,7 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from proxy.config import Upstream
+from proxy.core.config import Upstream
 
 log = logging.getLogger("canary_proxy")
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, TypeAlias, get_args
 
-from proxy.config import (
+from proxy.core.config import (
     _ADDRESS,
     _DURATION,
     _ENV_NAME,

@@ -35,7 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.metrics import REJECTED_BYTES, SERIES_BYTES, StatsDelta, VersionStats, counts_since
+from proxy.dataplane.outcomes import (
+    REJECTED_BYTES,
+    SERIES_BYTES,
+    StatsDelta,
+    VersionStats,
+    counts_since,
+)
 
 log = logging.getLogger("canary_proxy")
 

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from proxy.config import Guard
-from proxy.window import LATENCY_BOUNDS, WindowCounts
+from proxy.core.config import Guard
+from proxy.core.window import LATENCY_BOUNDS, WindowCounts
 
 Verdict = Literal["healthy", "breach", "inconclusive"]
 

@@ -17,15 +17,8 @@ from typing import Any, Final, cast
 
 import httptools
 
-from proxy.config import Timeouts
-from proxy.exchange import (
-    PAUSE_BACKPRESSURE,
-    PAUSE_PIPELINE,
-    PAUSE_UPGRADE,
-    Exchange,
-    Reject,
-)
-from proxy.headers import (
+from proxy.core.config import Timeouts
+from proxy.core.headers import (
     REQUEST_DROP,
     VIA,
     forwarded_for,
@@ -33,8 +26,15 @@ from proxy.headers import (
     nominated_fields,
     plain_response,
 )
-from proxy.routing import choose_version, cookie_value
-from proxy.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
+from proxy.core.routing import choose_version, cookie_value
+from proxy.dataplane.exchange import (
+    PAUSE_BACKPRESSURE,
+    PAUSE_PIPELINE,
+    PAUSE_UPGRADE,
+    Exchange,
+    Reject,
+)
+from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
 
 log = logging.getLogger("canary_proxy")
 

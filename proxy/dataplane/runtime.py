@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.config import Config, Route, Upstream
-from proxy.controller import Controller, Plan, RouteState
-from proxy.metrics import Recorder, RouteView, VersionStats
-from proxy.routing import RouteTable
-from proxy.store import StateStore
-from proxy.upstream import Instance, VersionPool
+from proxy.control.controller import Controller, Plan, RouteState
+from proxy.control.store import StateStore
+from proxy.core.config import Config, Route, Upstream
+from proxy.core.routing import RouteTable
+from proxy.dataplane.outcomes import Recorder, RouteView, VersionStats
+from proxy.dataplane.upstream import Instance, VersionPool
 
 STABLE: Final = "stable"
 CANARY: Final = "canary"

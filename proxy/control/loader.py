@@ -9,7 +9,7 @@ from typing import Final
 
 import yaml
 
-from proxy.config import Config, ConfigError, ConfigProblem, parse_config
+from proxy.core.config import Config, ConfigError, ConfigProblem, parse_config
 
 JSON_MEDIA_TYPE: Final = "application/json"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, Literal
 
-from proxy.bucketing import BUCKETS, bucket, in_canary
-from proxy.config import Route, Split
+from proxy.core.bucketing import BUCKETS, bucket, in_canary
+from proxy.core.config import Route, Split
 
 Decision = Literal["stable", "canary"]
 

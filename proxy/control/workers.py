@@ -61,13 +61,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.config import Address, Config
-from proxy.controller import RouteStates
-from proxy.counters import SharedCounters, create_block, read_block, unreported
-from proxy.metrics import CounterMemory, Recorder, StatsDelta, VersionStats
-from proxy.runtime import RuntimeHolder
-from proxy.server import Server
-from proxy.window import Tally, TallyCounts
+from proxy.control.controller import RouteStates
+from proxy.control.counters import SharedCounters, create_block, read_block, unreported
+from proxy.core.config import Address, Config
+from proxy.core.window import Tally, TallyCounts
+from proxy.dataplane.outcomes import CounterMemory, Recorder, StatsDelta, VersionStats
+from proxy.dataplane.runtime import RuntimeHolder
+from proxy.dataplane.server import Server
 
 log = logging.getLogger("canary_proxy")
 

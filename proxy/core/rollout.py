@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Final, Literal, TypeVar
 
-from proxy.config import BASIS_POINTS, Route
+from proxy.core.config import BASIS_POINTS, Route
 
 State = Literal["steady", "progressing", "paused", "promoted", "aborted"]
 Actor = Literal["guard", "admin", "config"]

@@ -12,13 +12,13 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
-from proxy.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
-from proxy.runtime import CANARY, STABLE, RouteRuntime, Runtime
-from proxy.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
-from proxy.window import Evidence
+from proxy.core.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
+from proxy.core.window import Evidence
+from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, Runtime
+from proxy.dataplane.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
 
 if TYPE_CHECKING:
-    from proxy.server import ClientConnection
+    from proxy.dataplane.server import ClientConnection
 
 log = logging.getLogger("canary_proxy")
 

@@ -1,0 +1,1 @@
+"""The pure core: every decision as a function of plain data (no I/O, no clocks)."""
