@@ -20,11 +20,11 @@ from aiohttp import web
 
 from proxy.control.admin import AdminSetupError, AdminState, check_exposure, create_app, load_token
 from proxy.control.exposition import ProxyCollector, build_registry
+from proxy.control.holder import RuntimeHolder
 from proxy.control.reloads import Reloader
 from proxy.control.store import StateStore
 from proxy.control.workers import WorkerPool
 from proxy.core.config import Config, ConfigError, ConfigProblem
-from proxy.dataplane.runtime import RuntimeHolder
 from proxy.dataplane.server import Server
 
 log = logging.getLogger("canary_proxy")
@@ -98,7 +98,7 @@ class Proxy:
             host, port = await pool.start(listen)
             log.info("%d workers listening (SO_REUSEPORT)", self.workers)
             return host, port, pool.connections
-        self.server = server = Server(self.holder, asyncio.get_running_loop())
+        self.server = server = Server(self.holder.plane, asyncio.get_running_loop())
         host, port = await server.start(listen.host, listen.port)
         return host, port, lambda: len(server.connections)
 

@@ -19,11 +19,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.control.controller import RECENT_EVENTS, PersistError
+from proxy.control.holder import RuntimeHolder
 from proxy.control.reloads import Reloader
 from proxy.core.config import Admin, ConfigError
 from proxy.core.rollout import RolloutError
+from proxy.core.vocabulary import CANARY, STABLE
 from proxy.core.window import WindowCounts
-from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
+from proxy.dataplane.runtime import RouteRuntime
 
 MUTATING_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 YAML_TYPES: Final = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})

@@ -18,72 +18,22 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from time import monotonic
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from proxy.control.store import StateStore
 from proxy.core import rollout
 from proxy.core.config import Guard, Route
 from proxy.core.guard import Assessment, assess
 from proxy.core.rollout import RolloutState, Transition
-from proxy.core.window import Evidence, SlidingWindow, Tally, TallyCounts, WindowCounts
-from proxy.dataplane.outcomes import Recorder, RollbackReason, VersionStats
-
-if TYPE_CHECKING:
-    from proxy.dataplane.runtime import RouteRuntime
+from proxy.core.vocabulary import RollbackReason
+from proxy.core.window import SlidingWindow, Tally, TallyCounts
+from proxy.dataplane.outcomes import Recorder, VersionStats
+from proxy.dataplane.runtime import RouteState
 
 log = logging.getLogger("canary_proxy")
 
 TICK_SECONDS: Final = 0.25  # well inside the one-second reaction the guard promises
 RECENT_EVENTS: Final = 200
-
-
-class RouteState:
-    """The live state of one route, shared by every config generation that has the route.
-
-    The data plane reads `weight_bp` and `aborted` on every request; everything else is for
-    the controller and the admin API.
-    """
-
-    __slots__ = (
-        "aborted",
-        "assessment",
-        "canary_evidence",
-        "canary_window",
-        "epoch",
-        "guard",
-        "rollout",
-        "route",
-        "stable_evidence",
-        "stable_window",
-        "weight_bp",
-    )
-
-    def __init__(self, route: Route, state: RolloutState) -> None:
-        self.route = route
-        self.rollout = state
-        self.weight_bp = state.weight_bp
-        self.aborted = state.state == "aborted"
-        self.guard: Guard | None = None
-        # The guard's windows (the process that judges: a single process, or the supervisor).
-        self.stable_window: SlidingWindow | None = None
-        self.canary_window: SlidingWindow | None = None
-        # Where the data path records: the windows themselves, or a worker's tallies.
-        self.stable_evidence: Evidence | None = None
-        self.canary_evidence: Evidence | None = None
-        # Set whenever the windows start afresh, from the controller's one counter (never
-        # reused, even for a route removed and added again); a worker's tallies carry it.
-        self.epoch = 0
-        self.assessment: Assessment | None = None
-
-    def adopt(self, state: RolloutState) -> None:
-        self.rollout = state
-        self.weight_bp = state.weight_bp
-        self.aborted = state.state == "aborted"
-
-    def windows(self, now: float) -> tuple[WindowCounts, WindowCounts] | None:
-        if self.stable_window is None or self.canary_window is None:
-            return None
-        return self.stable_window.snapshot(now), self.canary_window.snapshot(now)
 
 
 @dataclass(slots=True)
@@ -278,15 +228,14 @@ class Controller:
 
     # -- the guard, in line ------------------------------------------------------------------
 
-    def canary_failed(self, route: RouteRuntime) -> None:
+    def canary_failed(self, name: str, live: RouteState) -> None:
         """Called by the data path for every canary error: assess now, act now (a worker:
         have its supervisor assess now)."""
-        live = route.state
-        if live.guard is not None and not live.aborted and self.live.get(route.name) is live:
+        if live.guard is not None and not live.aborted and self.live.get(name) is live:
             if self.on_canary_error is not None:
                 self.on_canary_error()
             else:
-                self._assess(route.name, live, monotonic())
+                self._assess(name, live, monotonic())
 
     def _assess(self, name: str, live: RouteState, now: float) -> Assessment | None:
         windows = live.windows(now)

@@ -15,7 +15,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.dataplane.outcomes import DURATION_BUCKETS, ROLLOUT_STATES, Recorder, RouteView
+from proxy.core.vocabulary import STATES
+from proxy.dataplane.outcomes import DURATION_BUCKETS, Recorder, RouteView
 
 
 class ProxyCollector(Collector):
@@ -117,7 +118,7 @@ class ProxyCollector(Collector):
         )
         for route in routes:
             weight.add_metric([route.name], route.weight_bp / 10_000)
-            for name in ROLLOUT_STATES:
+            for name in STATES:
                 state.add_metric([route.name, name], 1.0 if name == route.state else 0.0)
         yield weight
         yield state

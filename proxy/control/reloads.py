@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.control.holder import Prepared, RuntimeHolder
 from proxy.control.loader import load_config_file, parse_config_text
 from proxy.control.store import write_atomically
 from proxy.core.config import Config, ConfigError, ConfigProblem
-from proxy.dataplane.runtime import Prepared, RuntimeHolder
 
 log = logging.getLogger("canary_proxy")
 

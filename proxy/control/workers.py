@@ -63,10 +63,10 @@ from typing import Final
 
 from proxy.control.controller import RouteStates
 from proxy.control.counters import SharedCounters, create_block, read_block, unreported
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import Address, Config
 from proxy.core.window import Tally, TallyCounts
 from proxy.dataplane.outcomes import CounterMemory, Recorder, StatsDelta, VersionStats
-from proxy.dataplane.runtime import RuntimeHolder
 from proxy.dataplane.server import Server
 
 log = logging.getLogger("canary_proxy")
@@ -146,7 +146,7 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self.holder = RuntimeHolder(config, follower=True, recorder=Recorder(memory))
         self.holder.controller.on_canary_error = self._report_soon
-        self.server = Server(self.holder, self.loop)
+        self.server = Server(self.holder.plane, self.loop)
         # Per series: the stats object last reported on, and a copy of it as it was then.
         self._sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
         self._sent_rejected: dict[int, int] = {}

@@ -19,12 +19,13 @@ from functools import partial
 from typing import Final, Literal, TypeAlias, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
+from proxy.core.vocabulary import GuardAction
+
 BASIS_POINTS: Final = 10_000  # 100 % expressed in basis points (0.01 % granularity)
 DEFAULT_ADMIN_TOKEN_ENV: Final = "CANARY_PROXY_ADMIN_TOKEN"
 # A typo's guard (`workers: 2000`), not a tuning limit; `auto` takes the CPUs there are.
 MAX_WORKERS: Final = 256
 
-GuardAction = Literal["rollback", "observe"]
 Workers = int | Literal["auto"]  # data plane processes; auto = one per CPU
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from proxy.core.config import Guard
+from proxy.core.vocabulary import Verdict
 from proxy.core.window import LATENCY_BOUNDS, WindowCounts
-
-Verdict = Literal["healthy", "breach", "inconclusive"]
 
 # One-sided significance for "the canary fails more often than stable": for two equal rates,
 # z >= 3 happens by chance in about one window in 740 (before the increase limit is applied).

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Final, Literal, TypeVar
 
 from proxy.core.config import BASIS_POINTS, Route
+from proxy.core.vocabulary import STATES, State, Verdict
 
-State = Literal["steady", "progressing", "paused", "promoted", "aborted"]
 Actor = Literal["guard", "admin", "config"]
 Action = Literal[
     "start",  # config: first state of a route (no saved state)
@@ -34,9 +34,6 @@ Action = Literal[
     "retry",
     "set_weight",
 ]
-Verdict = Literal["healthy", "breach", "inconclusive"]
-
-STATES: Final[tuple[State, ...]] = ("steady", "progressing", "paused", "promoted", "aborted")
 _STATE_NAMES: Final[dict[str, State]] = {name: name for name in STATES}
 # A breach acts on these; a promoted canary is the new stable and an aborted one gets nothing.
 _LIVE: Final[tuple[State, ...]] = ("steady", "progressing", "paused")

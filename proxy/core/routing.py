@@ -6,12 +6,11 @@ Implements DESIGN.md §4.1 (route match) and §4.2 (version decision) on plain s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final
 
 from proxy.core.bucketing import BUCKETS, bucket, in_canary
 from proxy.core.config import Route, Split
-
-Decision = Literal["stable", "canary"]
+from proxy.core.vocabulary import VersionName
 
 FORCE_CANARY: Final = "always"
 FORCE_STABLE: Final = "never"
@@ -101,7 +100,7 @@ def choose_version(
     force: str | None,
     sticky_key: str | None,
     rng: Callable[[], float],
-) -> Decision:
+) -> VersionName:
     """The version for one request, in DESIGN.md §4.2 order: abort, force, sticky, random.
 
     `weight_bp` is the live weight (from rollout state, not the config) in basis points;

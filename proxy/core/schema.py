@@ -30,10 +30,10 @@ from proxy.core.config import (
     CONFIG_SECTION,
     MAX_WORKERS,
     FieldSpec,
-    GuardAction,
     SectionSpec,
     ValueKind,
 )
+from proxy.core.vocabulary import GuardAction
 
 JSON: TypeAlias = dict[str, Any]
 

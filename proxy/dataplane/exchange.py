@@ -1,8 +1,10 @@
 """The exchange: one client request paired with one upstream response — connect or reuse,
 stream the body both ways with backpressure, frame the response, fail cleanly, record once.
 
-It is driven entirely by callbacks from the two Protocols (`server.ClientConnection` and
-`upstream.UpstreamConnection`); only opening a new upstream connection is awaited.
+It is driven entirely by callbacks from the client side (a `ClientSide`: one HTTP/1.1
+connection, `server.ClientConnection`, or any other protocol that carries one request at a
+time) and from `upstream.UpstreamConnection`; only opening a new upstream connection is awaited.
+Everything it shares with the rest of the process comes in through the `DataPlane`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import monotonic
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from proxy.core.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
+from proxy.core.vocabulary import CANARY, STABLE
 from proxy.core.window import Evidence
-from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, Runtime
+from proxy.dataplane.runtime import DataPlane, RouteRuntime, Runtime
 from proxy.dataplane.upstream import COOL_DOWN_SECONDS, Instance, UpstreamConnection, VersionPool
-
-if TYPE_CHECKING:
-    from proxy.dataplane.server import ClientConnection
 
 log = logging.getLogger("canary_proxy")
 
@@ -40,6 +40,26 @@ _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 _CLOSE: Final = b"Connection: close\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+
+
+class ClientSide(Protocol):
+    """What an exchange needs of the client-side protocol that drives it: its loop, writing
+    (corked into one write per upstream read), flow control by reasons, closing, the switch
+    to a tunnel, and being told that the exchange is over. The protocol feeds the exchange
+    the request body (`request_body`, `request_complete`) and a lost client (`client_lost`)."""
+
+    loop: asyncio.AbstractEventLoop
+    write_paused: bool  # the client is not draining what we write
+
+    def write(self, data: bytes) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+    def pause(self, reason: int) -> None: ...
+    def unpause(self, reason: int) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def start_tunnel(self, exchange: Exchange) -> None: ...
+    def exchange_finished(self, exchange: Exchange) -> None: ...
 
 
 class Reject(Exception):
@@ -67,6 +87,7 @@ class Exchange:
         "local",
         "method",
         "pending",
+        "plane",
         "pool",
         "read_deadline",
         "reads_seen",
@@ -92,46 +113,64 @@ class Exchange:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: ClientSide,
+        plane: DataPlane,
         runtime: Runtime,
         *,
         method: bytes,
         http11: bool,
         keep_alive: bool,
         started: float,
+        expect_body: bool,
+        route: RouteRuntime | None,
+        version: str = STABLE,
+        pool: VersionPool | None = None,
+        instance: Instance | None = None,
+        head: bytes = b"",
+        request_chunked: bool = False,
+        send_continue: bool = False,
+        upgrade: bool = False,
+        local: tuple[int, bytes] | None = None,
     ) -> None:
+        """Complete at construction: the request as routed (`route`, `version`, the `pool` and
+        `instance` picked, the upstream `head`), or a reply of our own (`local`: status and
+        message) when there is nowhere to send it."""
         self.client = client
+        self.plane = plane
         self.runtime = runtime
         self.method = method
         self.http11 = http11
         self.keep_alive = keep_alive
         self.started = started
-        self.route: RouteRuntime | None = None
-        self.version = STABLE
+        self.route = route
+        self.version = version
         # The guard window this request counts in, fixed when it is routed: if the windows
         # are reset meanwhile (retry, new revision), its outcome is old evidence and is dropped.
         self.window: Evidence | None = None
-        self.pool: VersionPool | None = None
-        self.instance: Instance | None = None
-        self.head = b""
-        self.local: tuple[int, bytes] | None = None  # a reply of our own: status, message
+        if route is not None:
+            live = route.state
+            self.window = live.canary_evidence if version == CANARY else live.stable_evidence
+        self.pool = pool
+        self.instance = instance
+        self.head = head
+        self.local = local
+        self.status = 0 if local is None else local[0]
+        self.request_chunked = request_chunked
+        self.expect_body = expect_body
+        self.send_continue = send_continue
+        self.upgrade = upgrade
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None
-        self.request_chunked = False
         self.request_done = False
         self.body_bytes = 0
-        self.upgrade = False
         self.response_started = False
         self.response_done = False
         self.response_chunked = False
         self.response_deadline = 0.0
-        self.status = 0
         self.retried = False
         self.reused = False
         self.client_gone = False
-        self.expect_body = False
-        self.send_continue = False
         self.read_deadline = 0.0
         self.reads_seen = 0
         self.tunnel_tail = b""
@@ -308,7 +347,7 @@ class Exchange:
                 lines.append(_CHUNKED)
             else:
                 self.keep_alive = False  # close-delimited for an HTTP/1.0 client
-        if self.upgrade or not self.request_done or self.client.server.draining:
+        if self.upgrade or not self.request_done or self.plane.draining:
             # A refused upgrade leaves the request stream unusable; an early answer means we
             # will not read the rest of the request body.
             self.keep_alive = False
@@ -424,7 +463,7 @@ class Exchange:
         self._reply(status, message)
 
     def _reply(self, status: int, message: bytes) -> None:
-        close = not self.keep_alive or self.client.server.draining
+        close = not self.keep_alive or self.plane.draining
         self.keep_alive = not close
         self.response_started = True
         self.response_done = True
@@ -435,7 +474,7 @@ class Exchange:
         """The request body is malformed: the upstream never gets a complete message (its
         connection is aborted mid-body), the client gets `status` if nothing was sent yet."""
         self.keep_alive = False
-        self.client.holder.outcomes.record_rejected(status)
+        self.plane.outcomes.record_rejected(status)
         if self.response_started:
             self._abort_both()
             return
@@ -496,7 +535,7 @@ class Exchange:
         route = self.route
         status = self.status
         if route is None:
-            self.client.holder.outcomes.record_rejected(status)
+            self.plane.outcomes.record_rejected(status)
             return
         now = monotonic()
         duration = now - self.started
@@ -508,7 +547,7 @@ class Exchange:
         error = status >= 500
         window.record(now, error=error, latency=duration)
         if error and canary and window is route.state.canary_evidence:
-            self.client.holder.controller.canary_failed(route)
+            self.plane.canary_failed(route.name, route.state)
 
     def _finish(self) -> None:
         self.response_done = True

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final, Literal, Protocol
+from typing import Final, Protocol
 
-UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol")
-ROLLOUT_STATES: Final = ("steady", "progressing", "paused", "promoted", "aborted")
-# `canary_proxy_rollbacks_total{reason}`: the guard's limit that was breached, or an admin's
-# abort (proxy/controller.py derives it from the transition).
-RollbackReason = Literal["error_rate", "error_rate_increase", "latency", "admin"]
-ROLLBACK_REASONS: Final[tuple[RollbackReason, ...]] = (
-    "error_rate",
-    "error_rate_increase",
-    "latency",
-    "admin",
+from proxy.core.vocabulary import (
+    GUARD_ACTIONS,
+    ROLLBACK_REASONS,
+    UPSTREAM_ERROR_KINDS,
+    RollbackReason,
 )
-# `canary_proxy_guard_breaches_total{action}`: the guard's configured action.
-GUARD_ACTIONS: Final = ("rollback", "observe")
 
 # Edge-proxy latencies: sub-millisecond cache hits up to minute-long streams (seconds).
 # A list, read by `_bucket`: compiled, a fixed-size tuple of floats is a C struct that would be

@@ -1,28 +1,74 @@
-"""The one swappable holder of config + route table + upstream pools + live route state.
+"""What the data plane serves from: one config generation (`Runtime`, with a `RouteRuntime`
+per route), the live state of each route (`RouteState`), and the `DataPlane` that every
+connection shares.
 
-A reload builds a complete new `Runtime` and swaps one reference; requests in flight keep the
-runtime (and the upstream instance) they started on. What must outlive a config generation
-lives in the holder, keyed by stable names: live route state by route name, upstream instances
-(their idle connections and cool-downs) by URL, and the counters in the recorder.
+A reload builds a complete new `Runtime` and swaps one reference (`DataPlane.current`);
+requests in flight keep the runtime (and the upstream instance) they started on. What must
+outlive a generation is keyed by stable names: live route state by route name, upstream
+instances (their idle connections and cool-downs) by URL, and the counters in the recorder.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Callable
 
-from proxy.control.controller import Controller, Plan, RouteState
-from proxy.control.store import StateStore
-from proxy.core.config import Config, Route, Upstream
+from proxy.core.config import Config, Guard, Route, Upstream
+from proxy.core.guard import Assessment
+from proxy.core.rollout import RolloutState
 from proxy.core.routing import RouteTable
-from proxy.dataplane.outcomes import Recorder, RouteView, VersionStats
+from proxy.core.vocabulary import CANARY, STABLE
+from proxy.core.window import Evidence, SlidingWindow, WindowCounts
+from proxy.dataplane.outcomes import Recorder
 from proxy.dataplane.upstream import Instance, VersionPool
 
-STABLE: Final = "stable"
-CANARY: Final = "canary"
+
+class RouteState:
+    """The live state of one route, shared by every config generation that has the route.
+
+    The data plane reads `weight_bp` and `aborted` on every request; everything else is for
+    the controller and the admin API.
+    """
+
+    __slots__ = (
+        "aborted",
+        "assessment",
+        "canary_evidence",
+        "canary_window",
+        "epoch",
+        "guard",
+        "rollout",
+        "route",
+        "stable_evidence",
+        "stable_window",
+        "weight_bp",
+    )
+
+    def __init__(self, route: Route, state: RolloutState) -> None:
+        self.route = route
+        self.rollout = state
+        self.weight_bp = state.weight_bp
+        self.aborted = state.state == "aborted"
+        self.guard: Guard | None = None
+        # The guard's windows (the process that judges: a single process, or the supervisor).
+        self.stable_window: SlidingWindow | None = None
+        self.canary_window: SlidingWindow | None = None
+        # Where the data path records: the windows themselves, or a worker's tallies.
+        self.stable_evidence: Evidence | None = None
+        self.canary_evidence: Evidence | None = None
+        # Set whenever the windows start afresh, from the controller's one counter (never
+        # reused, even for a route removed and added again); a worker's tallies carry it.
+        self.epoch = 0
+        self.assessment: Assessment | None = None
+
+    def adopt(self, state: RolloutState) -> None:
+        self.rollout = state
+        self.weight_bp = state.weight_bp
+        self.aborted = state.state == "aborted"
+
+    def windows(self, now: float) -> tuple[WindowCounts, WindowCounts] | None:
+        if self.stable_window is None or self.canary_window is None:
+            return None
+        return self.stable_window.snapshot(now), self.canary_window.snapshot(now)
 
 
 class RouteRuntime:
@@ -97,93 +143,29 @@ class Runtime:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A fully built next generation, not yet installed."""
+class DataPlane:
+    """What every connection of the data plane shares, passed to each one explicitly: the
+    current generation, the outcome recorder, the guard's in-line hook, randomness for the
+    split, the upstream instances, and whether the process is draining."""
 
-    runtime: Runtime
-    instances: dict[str, Instance]
-    plans: list[Plan]
-
-
-class RuntimeHolder:
-    """Holds the current runtime; `swap` installs a new config in one assignment."""
+    __slots__ = ("canary_failed", "current", "draining", "instances", "outcomes", "rng")
 
     def __init__(
         self,
-        config: Config,
+        current: Runtime,
+        outcomes: Recorder,
         *,
-        rng: Callable[[], float] = random.random,
-        recorder: Recorder | None = None,
-        store: StateStore | None = None,
-        wall: Callable[[], float] = time.time,
-        follower: bool = False,
+        rng: Callable[[], float],
+        canary_failed: Callable[[str, RouteState], None],
     ) -> None:
+        self.current = current  # swapped in one assignment by a reload
+        self.outcomes = outcomes
         self.rng = rng
-        self.outcomes = recorder or Recorder()
-        self.controller = Controller(self.outcomes, store, wall=wall, follower=follower)
-        self.instances: dict[str, Instance] = {}
-        self._generation = 0
-        self.current, instances, plans = self._build(config)
-        self._adopt(self.current, instances, plans)
-
-    @property
-    def states(self) -> dict[str, RouteState]:
-        return self.controller.live
-
-    def canary_stats(self, route: str) -> VersionStats:
-        return self.outcomes.stats_for(route, CANARY)
-
-    def _build(self, config: Config) -> tuple[Runtime, dict[str, Instance], list[Plan]]:
-        """The complete next generation, the instance registry and the route states it would
-        leave behind; nothing is applied until `_adopt`."""
-        instances = dict(self.instances)
-
-        def instance(upstream: Upstream) -> Instance:
-            found = instances.get(upstream.url)
-            if found is None:
-                found = instances[upstream.url] = Instance(upstream)
-            return found
-
-        plans = self.controller.plan(config.routes, self.canary_stats)
-        states = {plan.route.name: plan.live for plan in plans}
-        runtime = Runtime(config, states, self.outcomes, instance, self._generation + 1)
-        return runtime, instances, plans
-
-    def _adopt(self, runtime: Runtime, instances: dict[str, Instance], plans: list[Plan]) -> None:
-        self._generation = runtime.generation
-        self.controller.commit(plans)
-        in_use = {i.url for r in runtime.routes.values() for p in r.pools() for i in p.instances}
-        for url, instance in instances.items():
-            if url not in in_use:
-                instance.retire()  # in-flight exchanges finish; its connections then close
-        self.instances = {u: i for u, i in instances.items() if u in in_use}
-        self.outcomes.keep_routes(runtime.routes)
-
-    def prepare(self, config: Config) -> Prepared:
-        """Build the whole next generation; nothing live changes until `install`."""
-        return Prepared(*self._build(config))
-
-    def install(self, prepared: Prepared) -> Runtime:
-        """Swap one reference to the prepared generation; returns the old runtime."""
-        old, self.current = self.current, prepared.runtime
-        self._adopt(prepared.runtime, prepared.instances, prepared.plans)
-        return old
-
-    def swap(self, config: Config) -> Runtime:
-        """Build the whole new runtime first, then swap one reference; returns the old one."""
-        return self.install(self.prepare(config))
-
-    def all_instances(self) -> Iterator[Instance]:
-        return iter(self.instances.values())
+        # Called for every canary error on the request path: the guard judges it at once.
+        self.canary_failed = canary_failed
+        self.instances: dict[str, Instance] = {}  # by URL, across generations
+        self.draining = False
 
     def close_idle(self) -> None:
         for instance in self.instances.values():
             instance.close_all_idle()
-
-    def route_views(self) -> Iterator[RouteView]:
-        for route in self.current.routes.values():
-            state = route.state
-            yield RouteView(
-                route.name, 0 if state.aborted else state.weight_bp, state.rollout.state
-            )

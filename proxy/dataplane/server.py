@@ -27,6 +27,7 @@ from proxy.core.headers import (
     plain_response,
 )
 from proxy.core.routing import choose_version, cookie_value
+from proxy.core.vocabulary import CANARY, STABLE
 from proxy.dataplane.exchange import (
     PAUSE_BACKPRESSURE,
     PAUSE_PIPELINE,
@@ -34,7 +35,7 @@ from proxy.dataplane.exchange import (
     Exchange,
     Reject,
 )
-from proxy.dataplane.runtime import CANARY, STABLE, RouteRuntime, RuntimeHolder
+from proxy.dataplane.runtime import DataPlane, RouteRuntime
 
 log = logging.getLogger("canary_proxy")
 
@@ -78,7 +79,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = server.loop
-        self.holder = server.holder
+        self.plane = server.plane
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
@@ -109,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = str(peer[0]).encode("latin-1") if peer else b"unknown"
         connections = self.server.connections
         connections.add(self)
-        if len(connections) > self.holder.current.config.limits.max_connections:
+        if len(connections) > self.plane.current.config.limits.max_connections:
             # Over the cap (nginx `worker_connections`, HAProxy `maxconn`): answer and close
             # rather than hold more sockets and memory; the open connections are not touched.
             # It still counts while it lingers, which is at most LINGER_SECONDS.
@@ -132,7 +133,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.popleft().client_lost()
 
     def _timeouts(self) -> Timeouts:
-        return self.holder.current.config.timeouts
+        return self.plane.current.config.timeouts
 
     def _set_deadline(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind
@@ -269,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
             self.reject(Reject(431, b"Request Header Fields Too Large"))
 
     def _head_limit(self) -> int:
-        limits = self.holder.current.config.limits
+        limits = self.plane.current.config.limits
         return limits.max_header_bytes + limits.max_url_bytes
 
     def _internal_error(self, error: BaseException) -> None:
@@ -278,7 +279,7 @@ class ClientConnection(asyncio.Protocol):
         if active is not None:
             active._drop_upstream()
         if active is None or not active.response_started:
-            self.holder.outcomes.record_rejected(500)
+            self.plane.outcomes.record_rejected(500)
             self.write(plain_response(500, b"Internal Server Error", close=True))
         self.abort() if active is not None and active.response_started else self.close()
 
@@ -297,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
             self.pending_reject = rejection
             self.pause(PAUSE_PIPELINE)
             return
-        self.holder.outcomes.record_rejected(rejection.status)
+        self.plane.outcomes.record_rejected(rejection.status)
         self.write(plain_response(rejection.status, rejection.message, close=True))
         self.close_lingering()
 
@@ -313,7 +314,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.holder.current.config.limits.max_url_bytes:
+        if len(self.url) > self.plane.current.config.limits.max_url_bytes:
             raise Reject(414, b"URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -321,7 +322,7 @@ class ClientConnection(asyncio.Protocol):
         headers.append((name, value))
         self.header_bytes += len(name) + len(value) + 4
         if (
-            self.header_bytes > self.holder.current.config.limits.max_header_bytes
+            self.header_bytes > self.plane.current.config.limits.max_header_bytes
             or len(headers) > MAX_HEADER_FIELDS
         ):
             raise Reject(431, b"Request Header Fields Too Large")
@@ -369,7 +370,7 @@ class ClientConnection(asyncio.Protocol):
     def _route_request(self) -> Exchange:
         """Validate the head, pick route, version and instance; build the upstream head."""
         parser = self.parser
-        runtime = self.holder.current
+        runtime = self.plane.current
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise Reject(505, b"HTTP Version Not Supported")
@@ -443,52 +444,54 @@ class ClientConnection(asyncio.Protocol):
                 lines = [line for line in lines if line.split(b":", 1)[0].lower() not in nominated]
                 append = lines.append
 
-        keep_alive = parser.should_keep_alive() and not self.server.draining
-        exchange = Exchange(
-            self,
-            runtime,
-            method=method,
-            http11=http11,
-            keep_alive=keep_alive,
-            # Not loop.time(): uvloop's clock has millisecond resolution, too coarse for
-            # latency histograms; cool-downs use the same monotonic clock.
-            started=monotonic(),
-        )
-        exchange.request_chunked = te is not None
-        exchange.expect_body = te is not None or content_length not in (None, b"0")
+        keep_alive = parser.should_keep_alive() and not self.plane.draining
+        chunked = te is not None
+        expect_body = chunked or content_length not in (None, b"0")
+        # Not loop.time(): uvloop's clock has millisecond resolution, too coarse for latency
+        # histograms; cool-downs use the same monotonic clock.
+        started = monotonic()
         host_text = (host or b"").decode("latin-1")
         path = url.split(b"?", 1)[0].decode("latin-1")
         matched = runtime.table.match(host_text, path)
         route_rt = runtime.routes[matched.name] if matched is not None else None
         if route_rt is None:
-            exchange.status = 404
-            exchange.local = (404, b"Not Found: no route")
-            return exchange
-        exchange.route = route_rt
+            return Exchange(
+                self,
+                self.plane,
+                runtime,
+                method=method,
+                http11=http11,
+                keep_alive=keep_alive,
+                started=started,
+                expect_body=expect_body,
+                route=None,
+                local=(404, b"Not Found: no route"),
+            )
 
+        send_continue = False
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise Reject(417, b"Expectation Failed")
-            if http11 and exchange.expect_body:
-                exchange.send_continue = True  # written when it is this request's turn
+            send_continue = http11 and expect_body  # written when it is this request's turn
 
         version_name = self._choose_version(route_rt, host_text, cookie)
-        exchange.version = version_name
-        live = route_rt.state
-        if version_name == CANARY:
-            pool = route_rt.canary
-            exchange.window = live.canary_evidence
-        else:
-            pool = route_rt.stable
-            exchange.window = live.stable_evidence
+        pool = route_rt.canary if version_name == CANARY else route_rt.stable
         assert pool is not None
-        exchange.pool = pool
-        instance = pool.pick(exchange.started)
+        instance = pool.pick(started)
         if instance is None:
-            exchange.status = 503
-            exchange.local = (503, b"Service Unavailable")
-            return exchange
-        exchange.instance = instance
+            return Exchange(  # counted for the version chosen
+                self,
+                self.plane,
+                runtime,
+                method=method,
+                http11=http11,
+                keep_alive=keep_alive,
+                started=started,
+                expect_body=expect_body,
+                route=route_rt,
+                version=version_name,
+                local=(503, b"Service Unavailable"),
+            )
 
         append(b"X-Forwarded-For: " + forwarded_for(xff, self.peer) + _CRLF)
         append(_XFP)
@@ -497,18 +500,34 @@ class ClientConnection(asyncio.Protocol):
         else:
             append(b"Host: " + instance.authority + _CRLF)
         append(VIA)
-        if te is not None:
+        if chunked:
             append(_CHUNKED)
         elif content_length is not None:
             append(b"Content-Length: " + content_length + _CRLF)
         elif method in BODY_METHODS:
             append(b"Content-Length: 0\r\n")
-        if upgrade is not None and parser.should_upgrade():
-            exchange.upgrade = True
-            append(b"Connection: upgrade\r\nUpgrade: " + upgrade + _CRLF)
+        upgrading = upgrade is not None and parser.should_upgrade()
+        if upgrading:
+            append(b"Connection: upgrade\r\nUpgrade: " + (upgrade or b"") + _CRLF)
         append(_CRLF)
-        exchange.head = method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
-        return exchange
+        return Exchange(
+            self,
+            self.plane,
+            runtime,
+            method=method,
+            http11=http11,
+            keep_alive=keep_alive,
+            started=started,
+            head=method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines),
+            request_chunked=chunked,
+            expect_body=expect_body,
+            send_continue=send_continue,
+            upgrade=upgrading,
+            route=route_rt,
+            version=version_name,
+            pool=pool,
+            instance=instance,
+        )
 
     def _choose_version(self, route: RouteRuntime, host: str, cookie: bytes | None) -> str:
         del host
@@ -532,7 +551,7 @@ class ClientConnection(asyncio.Protocol):
             aborted=state.aborted,
             force=force,
             sticky_key=sticky,
-            rng=self.holder.rng,
+            rng=self.plane.rng,
         )
 
     def _header_text(self, lname: bytes) -> str | None:
@@ -575,7 +594,7 @@ class ClientConnection(asyncio.Protocol):
         if not exchange.request_done:
             self.close_lingering()
             return
-        if not exchange.keep_alive or self.server.draining:
+        if not exchange.keep_alive or self.plane.draining:
             self.close()
             return
         if self.pending_reject is not None and not self.queue:
@@ -610,7 +629,7 @@ class ClientConnection(asyncio.Protocol):
             active._drop_upstream()
             active._reply_error(408, b"Request Timeout")
             return
-        self.holder.outcomes.record_rejected(408)
+        self.plane.outcomes.record_rejected(408)
         self.write(plain_response(408, b"Request Timeout", close=True))
         self.close_lingering()
 
@@ -625,11 +644,10 @@ def _parser_rejection(error: Exception) -> Reject:
 class Server:
     """Owns the listener, the open client connections and the deadline sweep."""
 
-    def __init__(self, holder: RuntimeHolder, loop: asyncio.AbstractEventLoop) -> None:
-        self.holder = holder
+    def __init__(self, plane: DataPlane, loop: asyncio.AbstractEventLoop) -> None:
+        self.plane = plane
         self.loop = loop
         self.connections: set[ClientConnection] = set()
-        self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -657,7 +675,7 @@ class Server:
     async def _sweep_forever(self) -> None:
         last_pool_sweep = 0.0
         while True:
-            timeouts = self.holder.current.config.timeouts
+            timeouts = self.plane.current.config.timeouts
             interval = min(0.5, max(0.02, min(timeouts.client_header, timeouts.idle) / 10))
             await asyncio.sleep(interval)
             now = self.loop.time()
@@ -670,7 +688,7 @@ class Server:
                 log.exception("deadline sweep failed")
 
     def sweep(self, now: float) -> None:
-        idle = self.holder.current.config.timeouts.idle
+        idle = self.plane.current.config.timeouts.idle
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.timed_out()
@@ -683,12 +701,12 @@ class Server:
                 active.check_read_progress(now, idle)
 
     def _sweep_pools(self, cutoff: float) -> None:
-        for instance in self.holder.all_instances():
+        for instance in list(self.plane.instances.values()):
             instance.close_idle_older_than(cutoff)
 
     async def shutdown(self, drain_seconds: float) -> None:
         """Stop accepting, let in-flight exchanges finish (bounded), then close the rest."""
-        self.draining = True
+        self.plane.draining = True
         self._drained = asyncio.Event()
         if self._server is not None:
             self._server.close()
@@ -705,7 +723,7 @@ class Server:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        self.holder.close_idle()
+        self.plane.close_idle()
 
     def connection_refused(self) -> None:
         """Say so in the log, but at most every REFUSAL_LOG_SECONDS: a flood of refused
@@ -716,7 +734,7 @@ class Server:
             return
         log.warning(
             "connection limit reached (limits.max_connections = %d): refused %d connection(s)",
-            self.holder.current.config.limits.max_connections,
+            self.plane.current.config.limits.max_connections,
             self._refusals_unlogged,
         )
         self._refusal_logged_at = now

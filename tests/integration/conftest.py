@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from fakes import TEST_TIMEOUTS, FakeUpstream, MakeProxy, ProxyHandle, RawExchange, close_writer
 
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import parse_config
-from proxy.dataplane.runtime import RuntimeHolder
 from proxy.dataplane.server import Server
 
 
@@ -60,7 +60,7 @@ async def make_proxy(
             mapping["limits"] = limits
         config = parse_config(mapping, base_dir=str(tmp_path))
         holder = RuntimeHolder(config, rng=rng or random.Random(0).random)
-        server = Server(holder, asyncio.get_running_loop())
+        server = Server(holder.plane, asyncio.get_running_loop())
         host, port = await server.start("127.0.0.1", 0)
         started.append(server)
         return ProxyHandle(host=host, port=port, holder=holder, server=server)

@@ -17,7 +17,7 @@ from typing import Final, Protocol, Self
 
 from aiohttp import WSMsgType, web
 
-from proxy.dataplane.runtime import RuntimeHolder
+from proxy.control.holder import RuntimeHolder
 from proxy.dataplane.server import Server
 
 HOST: Final = "127.0.0.1"

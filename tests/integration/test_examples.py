@@ -48,7 +48,7 @@ from proxy_process import (
 
 from proxy.control.loader import load_config_file, parse_config_text
 from proxy.core.bucketing import bucket, in_canary
-from proxy.dataplane.outcomes import GUARD_ACTIONS, ROLLBACK_REASONS
+from proxy.core.vocabulary import GUARD_ACTIONS, ROLLBACK_REASONS
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CONFIG: Final = ROOT / "config"

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import parse_config
-from proxy.dataplane.runtime import RuntimeHolder
 from proxy.dataplane.server import Server
 
 LOCALHOST = "127.0.0.1"
@@ -220,7 +220,7 @@ async def running_proxy(timeouts: dict[str, str]) -> AsyncIterator[Env]:
     upstream = RecordingUpstream()
     await upstream.start()
     holder = RuntimeHolder(parse_config(_config(upstream.port, timeouts), base_dir="/tmp"))
-    server = Server(holder, loop)
+    server = Server(holder.plane, loop)
     _, port = await server.start(LOCALHOST, 0)
     try:
         environment = Env(port, holder, server, upstream, loop_errors, recorder.records)

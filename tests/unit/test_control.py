@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from proxy.control.holder import RuntimeHolder
 from proxy.control.loader import load_config_file
 from proxy.control.reloads import Reloader
 from proxy.core.config import ConfigError
-from proxy.dataplane.runtime import RuntimeHolder
 
 CONFIG = """\
 listen: "127.0.0.1:0"

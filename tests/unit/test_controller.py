@@ -12,10 +12,11 @@ import pytest
 from configs import guarded
 
 from proxy.control.controller import PersistError
+from proxy.control.holder import RuntimeHolder
 from proxy.control.store import StateStore
 from proxy.core.config import Config
-from proxy.dataplane.outcomes import ROLLBACK_REASONS
-from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
+from proxy.core.vocabulary import ROLLBACK_REASONS
+from proxy.dataplane.runtime import RouteRuntime
 
 
 class Clock:
@@ -38,7 +39,7 @@ def feed(route: RouteRuntime, holder: RuntimeHolder, *, ok: int, errors: int) ->
         live.canary_window.record(monotonic(), error=False, latency=0.01)
     for _ in range(errors):
         live.canary_window.record(monotonic(), error=True, latency=0.01)
-        holder.controller.canary_failed(route)
+        holder.controller.canary_failed(route.name, route.state)
 
 
 def test_below_min_requests_even_all_errors_never_trip() -> None:

@@ -9,9 +9,10 @@ from time import monotonic
 from configs import guarded
 
 from proxy.control.controller import RouteStates
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import Config, parse_config
 from proxy.core.window import SlidingWindow, Tally, TallyCounts
-from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
+from proxy.dataplane.runtime import RouteRuntime
 
 
 def config(**route: object) -> Config:
@@ -102,7 +103,7 @@ def test_a_follower_never_judges_a_canary_error_it_asks_its_supervisor_to() -> N
     evidence = tally(route.state.canary_evidence)
     for _ in range(50):  # far more than a leader needs to trip
         evidence.record(monotonic(), error=True, latency=0.01)
-        holder.controller.canary_failed(route)
+        holder.controller.canary_failed(route.name, route.state)
     assert len(asked) == 50
     assert not route.state.aborted
     assert route.state.weight_bp == 1000
@@ -114,7 +115,7 @@ def test_a_follower_does_not_ask_about_a_route_that_is_aborted_already() -> None
     asked: list[None] = []
     holder.controller.on_canary_error = lambda: asked.append(None)
     holder.controller.follow({"shop": (0, True, shop(holder).state.epoch)})
-    holder.controller.canary_failed(shop(holder))
+    holder.controller.canary_failed("shop", shop(holder).state)
     assert asked == []
 
 

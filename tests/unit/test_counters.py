@@ -19,13 +19,8 @@ from proxy.control.counters import (
     read_block,
     unreported,
 )
-from proxy.dataplane.outcomes import (
-    DURATION_BUCKETS,
-    SERIES_BYTES,
-    UPSTREAM_ERROR_KINDS,
-    Recorder,
-    VersionStats,
-)
+from proxy.core.vocabulary import UPSTREAM_ERROR_KINDS
+from proxy.dataplane.outcomes import DURATION_BUCKETS, SERIES_BYTES, Recorder, VersionStats
 
 
 @pytest.fixture

@@ -201,3 +201,119 @@ def test_the_checker_accepts_stdlib_and_allowed_imports() -> None:
         }
     )
     assert forbidden_imports(["proxy.core", "proxy.missing"], tree) == []
+
+
+# Which of our packages each package may import: the core nothing but itself, the data plane
+# the core, the control plane both; the entry points at `proxy/` itself anything.
+LAYERS: Final = {
+    "proxy.core": frozenset({"proxy.core"}),
+    "proxy.dataplane": frozenset({"proxy.core", "proxy.dataplane"}),
+    "proxy.control": frozenset({"proxy.core", "proxy.dataplane", "proxy.control"}),
+}
+
+
+def all_modules() -> tuple[str, ...]:
+    top = tuple(f"{PACKAGE}.{path.stem}" for path in ROOT.joinpath(PACKAGE).glob("*.py"))
+    return tuple(sorted({*top, *(m for layer in LAYERS for m in package_modules(layer))}))
+
+
+def our_imports(module: str, load: Loader) -> set[str]:
+    """The modules of ours that `module` imports (a name imported from a module counts as
+    that module)."""
+    loaded = load(module)
+    if loaded is None:
+        return set()
+    source, is_package = loaded
+    found = set()
+    for imported in imported_modules(source, module, is_package=is_package):
+        name = imported
+        while name.partition(".")[0] == PACKAGE and load(name) is None and "." in name:
+            name = name.rpartition(".")[0]  # `from proxy.core.config import Route`
+        if name.partition(".")[0] == PACKAGE and load(name) is not None and name != module:
+            found.add(name)
+    return found
+
+
+def layer_violations(modules: Iterable[str], load: Loader) -> list[str]:
+    problems = []
+    for module in modules:
+        layer = next((layer for layer in LAYERS if module.startswith(layer + ".")), None)
+        if layer is None:
+            continue
+        for name in sorted(our_imports(module, load)):
+            target = next((t for t in LAYERS if name == t or name.startswith(t + ".")), name)
+            if target != PACKAGE and target not in LAYERS[layer]:
+                problems.append(f"{module} -> {name}")
+    return problems
+
+
+def import_cycles(modules: Iterable[str], load: Loader) -> list[list[str]]:
+    """Every import circle among `modules`, each as the path that closes it (Tarjan's strongly
+    connected components, so one circle through many modules is reported once)."""
+    graph = {m: sorted(our_imports(m, load)) for m in modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for succ in graph.get(node, ()):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_each_package_imports_only_the_layers_below_it() -> None:
+    assert layer_violations(all_modules(), load_from_tree) == []
+
+
+def test_no_import_circle_in_the_package() -> None:
+    # Imports under TYPE_CHECKING or inside functions count: a circle is a design knot even
+    # when Python can load it.
+    assert import_cycles(all_modules(), load_from_tree) == []
+
+
+def test_the_layer_check_flags_the_data_plane_importing_the_control_plane() -> None:
+    tree = _fake_tree(
+        {
+            "proxy.dataplane.server": "from proxy.control.holder import RuntimeHolder",
+            "proxy.control.holder": "from proxy.dataplane.runtime import Runtime",
+            "proxy.dataplane.runtime": "from proxy.core.config import Config",
+            "proxy.core.config": "X = 1",
+        }
+    )
+    modules = ["proxy.dataplane.server", "proxy.control.holder", "proxy.dataplane.runtime"]
+    assert layer_violations(modules, tree) == ["proxy.dataplane.server -> proxy.control.holder"]
+
+
+def test_the_cycle_check_finds_a_circle_through_type_checking_imports() -> None:
+    tree = _fake_tree(
+        {
+            "proxy.dataplane.server": "from proxy.dataplane.exchange import Exchange",
+            "proxy.dataplane.exchange": (
+                "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n    from proxy.dataplane.server import ClientConnection"
+            ),
+            "proxy.dataplane.runtime": "from proxy.dataplane.exchange import Exchange",
+        }
+    )
+    modules = ["proxy.dataplane.server", "proxy.dataplane.exchange", "proxy.dataplane.runtime"]
+    assert import_cycles(modules, tree) == [["proxy.dataplane.exchange", "proxy.dataplane.server"]]

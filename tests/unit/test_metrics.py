@@ -16,19 +16,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.control.exposition import ProxyCollector, build_registry
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import Config, parse_config
-from proxy.dataplane.outcomes import (
-    DURATION_BUCKETS,
+from proxy.core.vocabulary import (
     GUARD_ACTIONS,
     ROLLBACK_REASONS,
-    ROLLOUT_STATES,
     UPSTREAM_ERROR_KINDS,
-    Recorder,
     RollbackReason,
-    RouteView,
-    VersionStats,
 )
-from proxy.dataplane.runtime import RuntimeHolder
+from proxy.core.vocabulary import STATES as ROLLOUT_STATES
+from proxy.dataplane.outcomes import DURATION_BUCKETS, Recorder, RouteView, VersionStats
 
 PROMTOOL: Final = "/usr/bin/promtool"
 

@@ -13,13 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.core.config import Guard, GuardAction, Match, Rollout, Route, Split, Upstream, Version
+from proxy.core.config import Guard, Match, Rollout, Route, Split, Upstream, Version
 from proxy.core.rollout import (
-    STATES,
     Change,
     RolloutError,
     RolloutState,
-    State,
     Transition,
     abort,
     initial,
@@ -34,6 +32,7 @@ from proxy.core.rollout import (
     set_weight,
     tick,
 )
+from proxy.core.vocabulary import STATES, GuardAction, State
 
 RAMP: Final = (500, 2500, 5000, 10_000)  # 5 → 25 → 50 → 100 %
 INTERVAL: Final = 60.0

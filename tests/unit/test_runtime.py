@@ -3,8 +3,8 @@ counters), what it retires, and that the runtime it replaces is left as it was."
 
 from __future__ import annotations
 
+from proxy.control.holder import RuntimeHolder
 from proxy.core.config import Config, Upstream, parse_config
-from proxy.dataplane.runtime import RuntimeHolder
 from proxy.dataplane.upstream import Instance, UpstreamConnection
 
 STABLE_A = "http://127.0.0.1:8001"

@@ -21,6 +21,7 @@ from configs import guarded
 import proxy.control.workers as workers_module
 from proxy.control.controller import RouteStates
 from proxy.control.counters import SharedCounters, create_block
+from proxy.control.holder import RuntimeHolder
 from proxy.control.workers import (
     Backoff,
     Report,
@@ -34,7 +35,7 @@ from proxy.control.workers import (
 from proxy.core.config import Config, Upstream
 from proxy.core.window import LATENCY_BOUNDS, Tally
 from proxy.dataplane.outcomes import DURATION_BUCKETS, CounterMemory, StatsDelta, VersionStats
-from proxy.dataplane.runtime import RouteRuntime, RuntimeHolder
+from proxy.dataplane.runtime import RouteRuntime
 
 FAST = 0.01  # seconds: every response of these tests lands in one latency bucket
 FAST_BUCKET = 22  # its index into LATENCY_BOUNDS
@@ -64,7 +65,7 @@ def serve(worker: Worker, *, ok: int, errors: int, version: str = "canary") -> N
         stats.observe(503 if error else 200, FAST)
         evidence.record(monotonic(), error=error, latency=FAST)
         if error and canary:
-            worker.holder.controller.canary_failed(route)
+            worker.holder.controller.canary_failed(route.name, route.state)
 
 
 def report(*tallies: tuple[str, int, bool, int, int]) -> Report:
