@@ -1,4 +1,4 @@
-"""The admin API (DESIGN.md §7): an aiohttp app on its own listener.
+"""The admin API (docs/admin-api.md): an aiohttp app on its own listener.
 
 Reads (GET) need no token and never change anything; mutations (POST, PUT) need
 `Authorization: Bearer <token>` when a token is configured, compared in constant time. Errors

@@ -1,7 +1,7 @@
 """Pure sticky bucketing: a key's mmh3 bucket in [0, 10000) and whether it is in the canary.
 
 Every replica computes the same bucket for the same salt and key, so cohorts agree with no
-coordination (DESIGN.md §4.3).
+coordination (docs/semantics.md, Monotone ramp).
 """
 
 from __future__ import annotations

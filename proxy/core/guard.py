@@ -1,4 +1,4 @@
-"""Pure guard verdicts: healthy, breach or inconclusive, each with a reason (DESIGN.md §6).
+"""Pure guard verdicts: healthy, breach or inconclusive, each with a reason (docs/semantics.md).
 
 Like Argo Rollouts' analysis, too little evidence is its own outcome: an inconclusive window
 holds the rollout where it is and never rolls it back.

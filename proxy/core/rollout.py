@@ -1,4 +1,6 @@
-"""Pure rollout state machine per route: steady, progressing, paused, promoted, aborted (§6).
+"""Pure rollout state machine per route: steady, progressing, paused, promoted, aborted.
+
+The states, the ramp and the admin verbs are documented in docs/semantics.md.
 
 Each function takes the route's config, the current state and the time and returns the next state
 with the Transition that explains it (actor and reason, as Argo Rollouts records them), or the
@@ -161,7 +163,7 @@ def reconcile(
             route, before, fresh, actor="config", action="start", reason=fresh.reason, now=now
         )
     if saved.state == "aborted" and (route.canary is None or saved.revision == _revision(route)):
-        return saved, None  # a rollback survives reloads and restarts (DESIGN.md §6)
+        return saved, None  # a rollback survives reloads and restarts (docs/semantics.md)
     if route.canary is None:
         return _without_canary(route, saved, now, canary_requests)
     if saved.revision != route.canary.revision:
@@ -348,7 +350,7 @@ def _requests_in_step(state: RolloutState, canary_requests: int) -> int:
     return canary_requests - state.step_base_requests
 
 
-# --- Admin verbs (DESIGN.md §7) ------------------------------------------------------------------
+# --- Admin verbs (docs/semantics.md, Admin verbs) ------------------------------------------------
 
 
 def promote(

@@ -1,6 +1,6 @@
 """Pure request routing: which route a request belongs to and which version serves it.
 
-Implements DESIGN.md §4.1 (route match) and §4.2 (version decision) on plain strings.
+Implements docs/semantics.md, Route match and Version decision, on plain strings.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def choose_version(
     sticky_key: str | None,
     rng: Callable[[], float],
 ) -> VersionName:
-    """The version for one request, in DESIGN.md §4.2 order: abort, force, sticky, random.
+    """The version for one request, in docs/semantics.md order: abort, force, sticky, random.
 
     `weight_bp` is the live weight (from rollout state, not the config) in basis points;
     `rng` returns a float in [0, 1) and is called only when the decision is random. An empty

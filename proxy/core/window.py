@@ -1,5 +1,5 @@
 """Pure sliding-window counters for the guard: requests, errors and a latency histogram per
-version over the last `guard.window` seconds, with time passed in (DESIGN.md §6, issue 4).
+version over the last `guard.window` seconds, with time passed in (docs/semantics.md, Windows).
 """
 
 from __future__ import annotations

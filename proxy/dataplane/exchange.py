@@ -543,7 +543,7 @@ class Exchange:
         (route.canary_stats if canary else route.stable_stats).observe(status, duration)
         window = self.window
         if window is None or status == 499:
-            return  # no guard, or a client that left: no evidence either way (DESIGN.md §6)
+            return  # no guard, or a client that left: no evidence either way (docs/semantics.md)
         error = status >= 500
         window.record(now, error=error, latency=duration)
         if error and canary and window is route.state.canary_evidence:

@@ -1,5 +1,5 @@
-"""The admin API of DESIGN.md §7 on a running proxy: reads, reloads (POST /reload, PUT /config,
-SIGHUP), reload accounting, and control-plane security (reference §5): bearer token on every
+"""The admin API (docs/admin-api.md) on a running proxy: reads, reloads (POST /reload, PUT
+/config, SIGHUP), reload accounting, and control-plane security: bearer token on every
 mutation, GETs that never mutate, no unauthenticated listener off loopback, no token leaks."""
 
 from __future__ import annotations

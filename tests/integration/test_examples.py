@@ -203,7 +203,7 @@ async def test_the_ab_test_example_pins_variants_by_header_and_keeps_each_user_o
 
     assert pinned == {"always": {"canary"}, "never": {"stable"}}
     assert by_cookie == "canary"
-    # DESIGN.md §4: bucket(salt, user) below weight x 100 -> variant B, on every request.
+    # docs/semantics.md: bucket(salt, user) below weight x 100 -> variant B, on every request.
     expected = {
         user: {
             "canary"
@@ -719,7 +719,7 @@ def test_the_dashboard_is_a_grafana_dashboard_with_the_panels_operators_need() -
             assert target["expr"].strip(), panel["title"]
             assert target["legendFormat"], panel["title"]
     exprs = "\n".join(t.expr for t in targets(document))
-    # The panels DESIGN.md §8's metrics are for: rate, 5xx share and p99 per version; the
+    # The panels docs/metrics.md's metrics are for: rate, 5xx share and p99 per version; the
     # canary weight; the rollout state; rollbacks and guard breaches.
     for needed in (
         "rate(canary_proxy_requests_total",

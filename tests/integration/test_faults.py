@@ -1,5 +1,5 @@
 """Upstream faults and client misbehaviour: what the client sees and what the proxy counts
-(DESIGN.md §5, reference sections D and G)."""
+(docs/operations.md, Forwarding; docs/metrics.md, canary_proxy_upstream_errors_total)."""
 
 from __future__ import annotations
 

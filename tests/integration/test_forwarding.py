@@ -1,4 +1,5 @@
-"""Forwarding and routing through a real proxy to real fake upstreams (DESIGN.md §4, §5)."""
+"""Forwarding and routing through a real proxy to real fake upstreams (docs/semantics.md,
+docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ async def versions_seen(
 
 
 def documented_bucket(salt: str, key: str) -> int:
-    """DESIGN.md §4.2: mmh3 of `salt:key`, seed 0, unsigned, mod 10 000."""
+    """docs/semantics.md, Sticky hashing: mmh3 of `salt:key`, seed 0, unsigned, mod 10 000."""
     return int(mmh3.hash(f"{salt}:{key}", seed=0, signed=False)) % 10_000
 
 
@@ -590,7 +591,7 @@ async def test_the_first_matching_route_wins_not_the_longest_prefix(
 
         seen = {}
         for path in ["/api/orders", "/cart"]:
-            # Host matching ignores case and port (DESIGN.md §4.1).
+            # Host matching ignores case and port (docs/semantics.md, Route match).
             headers = {"Host": "SHOP.Example.com:8080"}
             async with session.get(proxy.url + path, headers=headers) as response:
                 seen[path] = response.headers["X-Version"]

@@ -1,5 +1,5 @@
 """The live guard and the ramp end to end, on real `canary-proxy run` processes (issue 4, "Must
-show"; DESIGN.md §6): a rollback under ~1 000 req/s within a second of the canary failing, with
+show"; docs/semantics.md): a rollback under ~1 000 req/s within a second of the canary failing, with
 few failed user requests; the state file and audit log say why; the abort survives `kill -9`
 until `retry` or a new canary revision; observe mode changes nothing; a healthy ramp reaches
 promoted step by step; a reload that changes nothing about a route keeps its state and windows.
@@ -337,7 +337,7 @@ async def test_a_failing_canary_under_load_is_rolled_back_within_a_second_and_st
         answers = await send_batch(admin, proxy, 200)
         assert answers == [(200, "stable")] * 200
         assert len(canary.received) == canary_before  # not a single request
-        # forced users are evicted as well (DESIGN.md §4.2.1)
+        # forced users are evicted as well (docs/semantics.md, Version decision)
         async with admin.get(proxy.url + "/forced", headers={"X-Canary": "always"}) as response:
             assert response.headers["X-Version"] == "stable"
         assert len(canary.received) == canary_before

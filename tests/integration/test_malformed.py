@@ -1,4 +1,4 @@
-"""Malformed and hostile requests (reliability checklist §2 A-D, DESIGN.md §5).
+"""Malformed and hostile requests (docs/operations.md, Responses the proxy makes itself).
 
 Every rejected request must get the expected proxy-made status with a short plain-text body
 (never a traceback), `Connection: close` and then EOF, and must never reach an upstream: the

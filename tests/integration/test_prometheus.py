@@ -1,6 +1,6 @@
 """A real Prometheus server scrapes the admin listener of a real `canary-proxy run` process and
 its HTTP API returns exactly the per-version request counts the test generated; `promtool
-check metrics` has nothing to say about the exposition (DESIGN.md §8).
+check metrics` has nothing to say about the exposition (docs/metrics.md).
 
 Needs Debian's `prometheus` package (`.ci/run` installs it); skips only where it is missing.
 """

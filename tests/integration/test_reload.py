@@ -1,6 +1,6 @@
 """Hot reload and graceful shutdown against a real `canary-proxy run` process: zero dropped
 requests during reloads, in-flight requests finish on the config they started on, and SIGTERM
-drains (reference `http-proxy-reliability.md` §4 c.2-c.4; DESIGN.md §7)."""
+drains (docs/operations.md, Reloads and Shutdown; docs/admin-api.md)."""
 
 from __future__ import annotations
 

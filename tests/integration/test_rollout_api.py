@@ -1,4 +1,4 @@
-"""The rollout verbs of the admin API (DESIGN.md §7) and the CLI admin client (§2): every verb
+"""The rollout verbs of the admin API (docs/admin-api.md) and the CLI (docs/cli.md): every verb
 from every state it applies to, what each answers (the ROUTE document, or 400/401/404/409 with
 a message), the audit trail in GET /events, and the state file on disk after each response.
 

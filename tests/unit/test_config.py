@@ -1,4 +1,4 @@
-"""Config parsing and validation (DESIGN.md §3): every problem, each with its field path."""
+"""Config parsing and validation (docs/configuration.md): every problem, with its field path."""
 
 from __future__ import annotations
 
@@ -439,7 +439,7 @@ def test_a_malformed_admin_section_is_rejected(admin: object, expected: Problems
     [
         ("./state", "/etc/canary-proxy/state"),
         ("var/lib", "/etc/canary-proxy/var/lib"),
-        ("../shared/state/", "/etc/shared/state"),
+        ("../common/state/", "/etc/common/state"),
         ("/var/lib/canary-proxy", "/var/lib/canary-proxy"),
     ],
 )

@@ -1,5 +1,5 @@
 """The recorder's verbs and views, the duration buckets, and the Prometheus exposition of
-DESIGN.md §8 — each test on a fresh registry."""
+docs/metrics.md — each test on a fresh registry."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from proxy.dataplane.outcomes import DURATION_BUCKETS, Recorder, RouteView, Vers
 
 PROMTOOL: Final = "/usr/bin/promtool"
 
-# DESIGN.md §8: family name as the text parser reports it (counters lose `_total`), its type,
+# docs/metrics.md: family name as the text parser reports it (counters lose `_total`), its type,
 # and its labels (a histogram's `le` aside).
 CONTRACT: Final = {
     "canary_proxy_requests": ("counter", {"route", "version", "code"}),

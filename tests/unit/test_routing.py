@@ -1,4 +1,4 @@
-"""Route matching and the per-request version decision (DESIGN.md §4)."""
+"""Route matching and the per-request version decision (docs/semantics.md)."""
 
 from __future__ import annotations
 

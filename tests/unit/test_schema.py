@@ -276,7 +276,7 @@ VALID_CONFIGS: Final[list[dict[str, Any]]] = [
     put(minimal(), ("admin",), {"token_env": "SHOP_ADMIN_TOKEN"}),
     *(put(minimal(), ("admin",), {"token_file": f}) for f in ("admin.token",
         "../secrets/./admin.token", "/run/secrets/admin")),
-    *(put(minimal(), ("state_dir",), s) for s in ("./state", "var/lib", "../shared/state/",
+    *(put(minimal(), ("state_dir",), s) for s in ("./state", "var/lib", "../common/state/",
         "/var/lib/canary-proxy")),
     *(put(minimal(), ("timeouts", "connect"), d) for d in ("250ms", "10s", "1.5s", "2m", "1h",
         "0.5ms", 3, 0.75)),
