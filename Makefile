@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The pure core (proxy/core/: every decision) keeps 100 % branch coverage.
-PURE_CORE := proxy/core/*
+PURE_CORE := proxy/core/*,proxy/core/*/*
 
 unit: $(COMPILED)
 	$(BIN)/pytest -q --cov=proxy --cov-branch --cov-report=

@@ -21,14 +21,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final, TypeAlias, get_args
 
 from proxy.core.config import (
-    _ADDRESS,
-    _DURATION,
-    _ENV_NAME,
-    _PLAIN_PATH,
-    _ROUTE_NAME,
-    _TOKEN,
+    ADDRESS,
     CONFIG_SECTION,
+    DURATION,
+    ENV_NAME,
     MAX_WORKERS,
+    PLAIN_PATH,
+    ROUTE_NAME,
+    TOKEN,
     FieldSpec,
     SectionSpec,
     ValueKind,
@@ -63,26 +63,26 @@ _UPSTREAM_PATTERN: Final = (
 _NON_BLANK: Final = {"type": "string", "pattern": r"\S"}
 
 _LEAVES: Final[Mapping[ValueKind, JSON]] = {
-    "address": {"type": "string", "pattern": _anchored(_ADDRESS)},
+    "address": {"type": "string", "pattern": _anchored(ADDRESS)},
     "path": _NON_BLANK,
     "text": _NON_BLANK,
-    "env_name": {"type": "string", "pattern": _anchored(_ENV_NAME)},
+    "env_name": {"type": "string", "pattern": _anchored(ENV_NAME)},
     "duration": {
         "type": ["string", "number"],
-        "pattern": _anchored(_DURATION),
+        "pattern": _anchored(DURATION),
         "not": {"type": "string", "pattern": r"^[0.]+(?:ms|s|m|h)$"},  # zero
         "exclusiveMinimum": 0,
     },
     "integer": {"type": "integer"},  # the field adds its minimum
-    "route_name": {"type": "string", "pattern": _anchored(_ROUTE_NAME)},
+    "route_name": {"type": "string", "pattern": _anchored(ROUTE_NAME)},
     "host": {"type": "string", "pattern": _MATCH_HOST_PATTERN},
-    "path_prefix": {"type": "string", "pattern": _anchored(_PLAIN_PATH)},
+    "path_prefix": {"type": "string", "pattern": _anchored(PLAIN_PATH)},
     "upstream": {"type": "string", "pattern": _UPSTREAM_PATTERN},
     "percentage": {"type": "number", "minimum": 0, "maximum": 100},
     "step": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
     "ratio": {"type": "number", "minimum": 0, "maximum": 1},
-    "header_name": {"type": "string", "pattern": _anchored(_TOKEN)},
-    "cookie_name": {"type": "string", "pattern": _anchored(_TOKEN)},
+    "header_name": {"type": "string", "pattern": _anchored(TOKEN)},
+    "cookie_name": {"type": "string", "pattern": _anchored(TOKEN)},
     "guard_action": {"enum": list(get_args(GuardAction))},
     # `minimum` constrains only numbers and `pattern` only strings: an integer >= 1, or auto.
     "workers": {

@@ -28,7 +28,11 @@ REQUIRED_PURE: Final = ("proxy.core.config", "proxy.core.bucketing", "proxy.core
 def package_modules(package: str) -> tuple[str, ...]:
     """Every module of a package of ours, found on disk: a new module is checked by being there."""
     folder = ROOT.joinpath(*package.split("."))
-    return tuple(sorted(f"{package}.{path.stem}" for path in folder.glob("*.py")))
+    modules = set()
+    for path in folder.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return tuple(sorted(modules))
 
 
 PURE_MODULES: Final = package_modules(CORE)

@@ -1,4 +1,4 @@
-"""Pure config model: a plain mapping (from YAML or JSON) parsed into frozen dataclasses.
+"""Parse a plain mapping (from YAML or JSON) into the config model.
 
 Parse, derive, validate, then freeze: every problem is collected with its dotted field path
 (`routes[0].split.weight`), and nothing downstream re-checks validity. No YAML here; the shell
@@ -11,206 +11,64 @@ import difflib
 import ipaddress
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
-from typing import Final, Literal, TypeAlias, TypeVar
+from typing import Final, TypeAlias, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
+from proxy.core.config.model import (
+    DEFAULT_ADMIN_TOKEN_ENV,
+    MAX_WORKERS,
+    Address,
+    Admin,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    Guard,
+    KeySource,
+    Limits,
+    Match,
+    Rollout,
+    Route,
+    Split,
+    Timeouts,
+    Upstream,
+    Version,
+    Workers,
+)
+from proxy.core.config.spec import (
+    ADDRESS,
+    ADMIN_SECTION,
+    CONFIG_SECTION,
+    DEFAULT_ADMIN_LISTEN,
+    DEFAULT_LISTEN,
+    DEFAULT_STATE_DIR,
+    DURATION,
+    DURATION_HINT,
+    ENV_NAME,
+    GUARD_DEFAULTS,
+    GUARD_SECTION,
+    HOSTNAME,
+    KEY_SOURCE_SECTION,
+    LIMITS_SECTION,
+    MATCH_HOST,
+    MATCH_SECTION,
+    MAX_PORT,
+    PLAIN_PATH,
+    ROLLOUT_SECTION,
+    ROUTE_NAME,
+    ROUTE_SECTION,
+    SPLIT_SECTION,
+    TIMEOUTS_SECTION,
+    TOKEN,
+    UNIT_SECONDS,
+    UPSTREAM_HINT,
+    VERSION_SECTION,
+    SectionSpec,
+)
 from proxy.core.vocabulary import GuardAction
-
-BASIS_POINTS: Final = 10_000  # 100 % expressed in basis points (0.01 % granularity)
-DEFAULT_ADMIN_TOKEN_ENV: Final = "CANARY_PROXY_ADMIN_TOKEN"
-# A typo's guard (`workers: 2000`), not a tuning limit; `auto` takes the CPUs there are.
-MAX_WORKERS: Final = 256
-
-Workers = int | Literal["auto"]  # data plane processes; auto = one per CPU
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConfigProblem:
-    """One config error: where it is and what is wrong."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class ConfigError(Exception):
-    """Raised with every problem found; a config either parses whole or not at all."""
-
-    def __init__(self, problems: tuple[ConfigProblem, ...]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Upstream:
-    """One instance of a version: `http://host:port` (no path; only http)."""
-
-    url: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Version:
-    upstreams: tuple[Upstream, ...]
-    revision: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Match:
-    host: str | None = None  # lower-cased, port stripped
-    path_prefix: str = "/"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KeySource:
-    """Where a per-request key comes from: a header (checked first), then a cookie."""
-
-    header: str | None = None  # lower-cased header name
-    cookie: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Split:
-    weight_bp: int = 0  # canary share in basis points, 0..10000
-    salt: str = ""
-    sticky: KeySource = field(default_factory=KeySource)
-    force: KeySource = field(default_factory=KeySource)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Rollout:
-    steps_bp: tuple[int, ...]  # ascending, in basis points
-    interval: float  # seconds
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Guard:
-    window: float = 10.0
-    min_requests: int = 20
-    max_error_rate: float = 0.05
-    max_error_rate_increase: float | None = None
-    max_p99_latency: float | None = None  # seconds
-    action: GuardAction = "rollback"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Route:
-    name: str
-    match: Match
-    stable: Version
-    canary: Version | None
-    split: Split
-    rollout: Rollout | None = None
-    guard: Guard | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Timeouts:
-    connect: float = 2.0
-    response_header: float = 30.0
-    idle: float = 60.0
-    client_header: float = 10.0
-    shutdown: float = 30.0  # drain bound on SIGTERM
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Limits:
-    max_header_bytes: int = 65_536
-    max_url_bytes: int = 8_192
-    max_body_bytes: int = 0  # 0 = unlimited (streamed)
-    max_connections: int = 10_000  # open client connections; past it a new one gets 503
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Admin:
-    listen: Address
-    token_env: str | None = DEFAULT_ADMIN_TOKEN_ENV
-    token_file: str | None = None  # absolute path
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    listen: Address
-    admin: Admin
-    state_dir: str  # absolute path
-    timeouts: Timeouts
-    limits: Limits
-    routes: tuple[Route, ...]
-    workers: Workers = 1
-
-
-# --- Field tables --------------------------------------------------------------------------------
-#
-# What each mapping in the file may hold. The parser accepts exactly these names (anything else is
-# an unknown field) and reports a missing required one; `proxy.schema` builds the JSON Schema for
-# editors from the same tables, so the two cannot drift apart.
-
-ValueKind = Literal[
-    "address",  # host:port or [ipv6]:port
-    "path",  # a file or folder, relative to the config file's folder
-    "text",  # any non-blank string
-    "env_name",
-    "duration",  # 250ms, 10s, 2m, 1h or a number of seconds; > 0
-    "integer",  # at least the field's `minimum`
-    "route_name",
-    "host",  # a request host to match
-    "path_prefix",
-    "upstream",  # http://host[:port]
-    "percentage",  # 0..100, at most two decimals
-    "step",  # a percentage above 0
-    "ratio",  # 0..1
-    "header_name",
-    "cookie_name",
-    "guard_action",
-    "workers",  # a whole number of at least 1, or auto
-]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FieldSpec:
-    """One field of a mapping: its name, what it holds, and how the docs describe it."""
-
-    name: str
-    kind: ValueKind | SectionSpec
-    description: str
-    required: bool = False
-    many: bool = False  # a non-empty list of `kind`
-    minimum: int = 0  # integers only
-    default: str | float | None = None  # None: no default, or one the description explains
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SectionSpec:
-    """A mapping in the file: a name for the schema, and its fields in the order they are read."""
-
-    name: str
-    fields: tuple[FieldSpec, ...]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(spec.name for spec in self.fields)
-
-    def field(self, name: str) -> FieldSpec:
-        """The field called `name`; KeyError if the table has none (a parser bug)."""
-        return {spec.name: spec for spec in self.fields}[name]
-
 
 # --- Parsing -------------------------------------------------------------------------------------
 #
@@ -219,334 +77,11 @@ class SectionSpec:
 # as it does in Kubernetes manifests. A broken field parses to its default so that the rest of
 # the document is still checked; the collected problems then reject the whole config.
 
-DEFAULT_LISTEN: Final = Address(host="0.0.0.0", port=8080)
-DEFAULT_ADMIN_LISTEN: Final = Address(host="127.0.0.1", port=9901)
-DEFAULT_STATE_DIR: Final = "./state"
-
 T = TypeVar("T")
 _Parse: TypeAlias = Callable[["_Context", object], T | None]
 
-_TIMEOUTS: Final = Timeouts()
-_LIMITS: Final = Limits()
-_GUARD_DEFAULTS: Final = Guard()
-
-_ADMIN_SECTION: Final = SectionSpec(
-    name="admin",
-    fields=(
-        FieldSpec(
-            name="listen",
-            kind="address",
-            default=str(DEFAULT_ADMIN_LISTEN),
-            description="Where the admin API listens: host:port or [ipv6]:port; off loopback it"
-            " needs a token.",
-        ),
-        FieldSpec(
-            name="token_env",
-            kind="env_name",
-            default=DEFAULT_ADMIN_TOKEN_ENV,
-            description="Environment variable holding the bearer token for POST/PUT requests."
-            " Set token_env or token_file, not both.",
-        ),
-        FieldSpec(
-            name="token_file",
-            kind="path",
-            description="File holding the bearer token for POST/PUT requests, relative to the"
-            " config file's folder. Set token_env or token_file, not both.",
-        ),
-    ),
-)
-_TIMEOUTS_SECTION: Final = SectionSpec(
-    name="timeouts",
-    fields=(
-        FieldSpec(
-            name="connect",
-            kind="duration",
-            default=_TIMEOUTS.connect,
-            description="Opening a connection to an upstream.",
-        ),
-        FieldSpec(
-            name="response_header",
-            kind="duration",
-            default=_TIMEOUTS.response_header,
-            description="From the request sent to the upstream's response headers.",
-        ),
-        FieldSpec(
-            name="idle",
-            kind="duration",
-            default=_TIMEOUTS.idle,
-            description="An idle keep-alive connection (client or upstream).",
-        ),
-        FieldSpec(
-            name="client_header",
-            kind="duration",
-            default=_TIMEOUTS.client_header,
-            description="A client sending its request headers.",
-        ),
-        FieldSpec(
-            name="shutdown",
-            kind="duration",
-            default=_TIMEOUTS.shutdown,
-            description="Draining in-flight requests on SIGTERM.",
-        ),
-    ),
-)
-_LIMITS_SECTION: Final = SectionSpec(
-    name="limits",
-    fields=(
-        FieldSpec(
-            name="max_header_bytes",
-            kind="integer",
-            minimum=256,
-            default=_LIMITS.max_header_bytes,
-            description="Larger request headers get 431 (at least 256).",
-        ),
-        FieldSpec(
-            name="max_url_bytes",
-            kind="integer",
-            minimum=256,
-            default=_LIMITS.max_url_bytes,
-            description="A longer request target gets 414 (at least 256).",
-        ),
-        FieldSpec(
-            name="max_body_bytes",
-            kind="integer",
-            minimum=0,
-            default=_LIMITS.max_body_bytes,
-            description="Larger bodies get 413; 0 = unlimited (streamed).",
-        ),
-        FieldSpec(
-            name="max_connections",
-            kind="integer",
-            minimum=1,
-            default=_LIMITS.max_connections,
-            description="Open client connections (nginx worker_connections, HAProxy maxconn); "
-            "past it a new connection is answered 503 and closed.",
-        ),
-    ),
-)
-_MATCH_SECTION: Final = SectionSpec(
-    name="match",
-    fields=(
-        FieldSpec(
-            name="host",
-            kind="host",
-            description="Request host, case-insensitive, port ignored; absent = any host.",
-        ),
-        FieldSpec(
-            name="path_prefix",
-            kind="path_prefix",
-            default=Match().path_prefix,
-            description="Request path prefix.",
-        ),
-    ),
-)
-_VERSION_SECTION: Final = SectionSpec(
-    name="version",
-    fields=(
-        FieldSpec(
-            name="upstreams",
-            kind="upstream",
-            many=True,
-            required=True,
-            description="Instances as http://host[:port], used round-robin.",
-        ),
-        FieldSpec(
-            name="revision",
-            kind="text",
-            description="Optional label; a new canary revision clears an earlier rollback.",
-        ),
-    ),
-)
-_KEY_SOURCE_SECTION: Final = SectionSpec(
-    name="key_source",
-    fields=(
-        FieldSpec(name="header", kind="header_name", description="Header name (checked first)."),
-        FieldSpec(name="cookie", kind="cookie_name", description="Cookie name."),
-    ),
-)
-_SPLIT_SECTION: Final = SectionSpec(
-    name="split",
-    fields=(
-        FieldSpec(
-            name="weight",
-            kind="percentage",
-            default=0,
-            description="Percent of traffic to the canary; with a rollout it must equal the"
-            " first step (or be left out).",
-        ),
-        FieldSpec(
-            name="salt",
-            kind="text",
-            description="Bucketing salt; default = route name.",
-        ),
-        FieldSpec(
-            name="sticky",
-            kind=_KEY_SOURCE_SECTION,
-            description="Where the sticky bucketing key comes from: header, then cookie.",
-        ),
-        FieldSpec(
-            name="force",
-            kind=_KEY_SOURCE_SECTION,
-            description='Where a forced choice comes from: value "always" -> canary,'
-            ' "never" -> stable.',
-        ),
-    ),
-)
-_ROLLOUT_SECTION: Final = SectionSpec(
-    name="rollout",
-    fields=(
-        FieldSpec(
-            name="steps",
-            kind="step",
-            many=True,
-            required=True,
-            description="Ascending percentages; the weight starts at the first.",
-        ),
-        FieldSpec(
-            name="interval",
-            kind="duration",
-            required=True,
-            description="Healthy dwell time per step.",
-        ),
-    ),
-)
-_GUARD_SECTION: Final = SectionSpec(
-    name="guard",
-    fields=(
-        FieldSpec(
-            name="window",
-            kind="duration",
-            default=_GUARD_DEFAULTS.window,
-            description="Sliding window.",
-        ),
-        FieldSpec(
-            name="min_requests",
-            kind="integer",
-            minimum=1,
-            default=_GUARD_DEFAULTS.min_requests,
-            description="Canary requests in the window before any verdict.",
-        ),
-        FieldSpec(
-            name="max_error_rate",
-            kind="ratio",
-            default=_GUARD_DEFAULTS.max_error_rate,
-            description="Canary errors / canary requests.",
-        ),
-        FieldSpec(
-            name="max_error_rate_increase",
-            kind="ratio",
-            description="Optional: canary error rate minus stable error rate.",
-        ),
-        FieldSpec(
-            name="max_p99_latency",
-            kind="duration",
-            description="Optional: canary p99 latency.",
-        ),
-        FieldSpec(
-            name="action",
-            kind="guard_action",
-            default=_GUARD_DEFAULTS.action,
-            description="rollback, or observe (record the verdict, change nothing).",
-        ),
-    ),
-)
-_ROUTE_SECTION: Final = SectionSpec(
-    name="route",
-    fields=(
-        FieldSpec(
-            name="name",
-            kind="route_name",
-            required=True,
-            description="Unique; [a-z0-9-]+.",
-        ),
-        FieldSpec(
-            name="match",
-            kind=_MATCH_SECTION,
-            description="Which requests the route takes; absent = every request.",
-        ),
-        FieldSpec(
-            name="stable", kind=_VERSION_SECTION, required=True, description="Stable version."
-        ),
-        FieldSpec(name="canary", kind=_VERSION_SECTION, description="Optional: canary version."),
-        FieldSpec(
-            name="split",
-            kind=_SPLIT_SECTION,
-            description="How requests split between stable and canary.",
-        ),
-        FieldSpec(
-            name="rollout",
-            kind=_ROLLOUT_SECTION,
-            description="Optional: automatic ramp; requires a canary.",
-        ),
-        FieldSpec(
-            name="guard",
-            kind=_GUARD_SECTION,
-            description="Optional: in-line automatic rollback; requires a canary.",
-        ),
-    ),
-)
-CONFIG_SECTION: Final = SectionSpec(
-    name="config",
-    fields=(
-        FieldSpec(
-            name="listen",
-            kind="address",
-            default=str(DEFAULT_LISTEN),
-            description="Where the proxy serves traffic: host:port or [ipv6]:port.",
-        ),
-        FieldSpec(
-            name="workers",
-            kind="workers",
-            default=1,
-            description="Data plane processes sharing the listen port (SO_REUSEPORT) under one "
-            "supervisor that runs the guard, the admin API and the metrics; auto = one per CPU. "
-            "Changing it needs a restart.",
-        ),
-        FieldSpec(
-            name="admin",
-            kind=_ADMIN_SECTION,
-            description="The admin API, on its own listener.",
-        ),
-        FieldSpec(
-            name="state_dir",
-            kind="path",
-            default=DEFAULT_STATE_DIR,
-            description="Rollout state and audit log; survives restarts. Relative to the config"
-            " file's folder.",
-        ),
-        FieldSpec(name="timeouts", kind=_TIMEOUTS_SECTION, description="Timeouts."),
-        FieldSpec(
-            name="limits", kind=_LIMITS_SECTION, description="Request size and connection limits."
-        ),
-        FieldSpec(
-            name="routes",
-            kind=_ROUTE_SECTION,
-            many=True,
-            required=True,
-            description="Routes; the first match wins.",
-        ),
-    ),
-)
 _GUARD_ACTIONS: Final[dict[str, GuardAction]] = {"rollback": "rollback", "observe": "observe"}
 _NO_VERSION: Final = Version(upstreams=())  # stands in for a broken one; the config is rejected
-
-_DURATION: Final = re.compile(r"(?P<amount>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)")
-_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_HINT: Final = "must be a duration such as 250ms, 10s, 2m or 1h"
-_ADDRESS: Final = re.compile(
-    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})"
-)
-_HOSTNAME: Final = re.compile(r"[a-z0-9_.-]+")
-_MATCH_HOST: Final = re.compile(
-    r"\[(?P<v6>[0-9a-f:.]+)\](?::\d{1,5})?|(?P<name>[a-z0-9_.-]+)(?::\d{1,5})?"
-)
-_ROUTE_NAME: Final = re.compile(r"[a-z0-9-]+")
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# RFC 9110 §5.6.2 `token`; header field names (§5.1) and cookie names (RFC 6265 §4.1.1) are tokens.
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_PLAIN_PATH: Final = re.compile(r"/[^\s?#]*")
-_UPSTREAM_HINT: Final = "must be a URL like http://host:port"
-_MAX_PORT: Final = 65_535
 
 
 def parse_config(data: object, *, base_dir: str) -> Config:
@@ -656,7 +191,7 @@ def _config(section: _Section, base_dir: str) -> Config:
 
 
 def _admin(ctx: _Context, raw: object, *, base_dir: str) -> Admin | None:
-    section = _section(ctx, raw, _ADMIN_SECTION)
+    section = _section(ctx, raw, ADMIN_SECTION)
     if section is None:
         return None
     listen = _or(section.get("listen", _address), DEFAULT_ADMIN_LISTEN)
@@ -670,24 +205,24 @@ def _admin(ctx: _Context, raw: object, *, base_dir: str) -> Admin | None:
 
 
 def _timeouts(ctx: _Context, raw: object) -> Timeouts | None:
-    section = _section(ctx, raw, _TIMEOUTS_SECTION)
+    section = _section(ctx, raw, TIMEOUTS_SECTION)
     if section is None:
         return None
     given = {
         name: seconds
-        for name in _TIMEOUTS_SECTION.names
+        for name in TIMEOUTS_SECTION.names
         if (seconds := section.get(name, _duration)) is not None
     }
     return Timeouts(**given)
 
 
 def _limits(ctx: _Context, raw: object) -> Limits | None:
-    section = _section(ctx, raw, _LIMITS_SECTION)
+    section = _section(ctx, raw, LIMITS_SECTION)
     if section is None:
         return None
     given = {
         name: size
-        for name in _LIMITS_SECTION.names
+        for name in LIMITS_SECTION.names
         if (size := section.get_integer(name)) is not None
     }
     return Limits(**given)
@@ -715,7 +250,7 @@ def _check_unique_names(ctx: _Context, routes: list[Route | None]) -> None:
 
 
 def _route(ctx: _Context, raw: object) -> Route | None:
-    section = _section(ctx, raw, _ROUTE_SECTION)
+    section = _section(ctx, raw, ROUTE_SECTION)
     if section is None:
         return None
     name = _or(section.get("name", _route_name), "")
@@ -748,7 +283,7 @@ def _reject_canary_settings(route: _Section, split: _SplitSpec) -> None:
 
 
 def _match(ctx: _Context, raw: object) -> Match | None:
-    section = _section(ctx, raw, _MATCH_SECTION)
+    section = _section(ctx, raw, MATCH_SECTION)
     if section is None:
         return None
     return Match(
@@ -758,7 +293,7 @@ def _match(ctx: _Context, raw: object) -> Match | None:
 
 
 def _version(ctx: _Context, raw: object) -> Version | None:
-    section = _section(ctx, raw, _VERSION_SECTION)
+    section = _section(ctx, raw, VERSION_SECTION)
     if section is None:
         return None
     return Version(
@@ -786,7 +321,7 @@ class _SplitSpec:
 
 
 def _split(ctx: _Context, raw: object) -> _SplitSpec | None:
-    section = _section(ctx, raw, _SPLIT_SECTION)
+    section = _section(ctx, raw, SPLIT_SECTION)
     if section is None:
         return None
     return _SplitSpec(
@@ -816,7 +351,7 @@ def _freeze_split(ctx: _Context, spec: _SplitSpec, *, name: str, rollout: Rollou
 
 
 def _key_source(ctx: _Context, raw: object) -> KeySource | None:
-    section = _section(ctx, raw, _KEY_SOURCE_SECTION)
+    section = _section(ctx, raw, KEY_SOURCE_SECTION)
     if section is None:
         return None
     return KeySource(
@@ -826,7 +361,7 @@ def _key_source(ctx: _Context, raw: object) -> KeySource | None:
 
 
 def _rollout(ctx: _Context, raw: object) -> Rollout | None:
-    section = _section(ctx, raw, _ROLLOUT_SECTION)
+    section = _section(ctx, raw, ROLLOUT_SECTION)
     if section is None:
         return None
     steps = section.get("steps", _steps)
@@ -859,16 +394,16 @@ def _step(ctx: _Context, raw: object) -> int | None:
 
 
 def _guard(ctx: _Context, raw: object) -> Guard | None:
-    section = _section(ctx, raw, _GUARD_SECTION)
+    section = _section(ctx, raw, GUARD_SECTION)
     if section is None:
         return None
     return Guard(
-        window=_or(section.get("window", _duration), _GUARD_DEFAULTS.window),
-        min_requests=_or(section.get_integer("min_requests"), _GUARD_DEFAULTS.min_requests),
-        max_error_rate=_or(section.get("max_error_rate", _ratio), _GUARD_DEFAULTS.max_error_rate),
+        window=_or(section.get("window", _duration), GUARD_DEFAULTS.window),
+        min_requests=_or(section.get_integer("min_requests"), GUARD_DEFAULTS.min_requests),
+        max_error_rate=_or(section.get("max_error_rate", _ratio), GUARD_DEFAULTS.max_error_rate),
         max_error_rate_increase=section.get("max_error_rate_increase", _ratio),
         max_p99_latency=section.get("max_p99_latency", _duration),
-        action=_or(section.get("action", _guard_action), _GUARD_DEFAULTS.action),
+        action=_or(section.get("action", _guard_action), GUARD_DEFAULTS.action),
     )
 
 
@@ -920,7 +455,7 @@ def _duration(ctx: _Context, raw: object) -> float | None:
     """Seconds from `250ms`, `10s`, `2m`, `1h` or a plain number of seconds; always > 0 here."""
     seconds = _duration_text(raw) if isinstance(raw, str) else _number(raw)
     if seconds is None:
-        ctx.report(_DURATION_HINT)
+        ctx.report(DURATION_HINT)
         return None
     if seconds <= 0:
         ctx.report("must be greater than 0")
@@ -929,10 +464,10 @@ def _duration(ctx: _Context, raw: object) -> float | None:
 
 
 def _duration_text(text: str) -> float | None:
-    match = _DURATION.fullmatch(text)
+    match = DURATION.fullmatch(text)
     if match is None:
         return None
-    return float(match["amount"]) * _UNIT_SECONDS[match["unit"]]
+    return float(match["amount"]) * UNIT_SECONDS[match["unit"]]
 
 
 def _percentage_bp(ctx: _Context, raw: object) -> int | None:
@@ -982,7 +517,7 @@ def _guard_action(ctx: _Context, raw: object) -> GuardAction | None:
 
 def _route_name(ctx: _Context, raw: object) -> str | None:
     name = _string(ctx, raw)
-    if name is not None and _ROUTE_NAME.fullmatch(name) is None:
+    if name is not None and ROUTE_NAME.fullmatch(name) is None:
         ctx.report("must match [a-z0-9-]+")
         return None
     return name
@@ -990,7 +525,7 @@ def _route_name(ctx: _Context, raw: object) -> str | None:
 
 def _env_name(ctx: _Context, raw: object) -> str | None:
     name = _string(ctx, raw)
-    if name is not None and _ENV_NAME.fullmatch(name) is None:
+    if name is not None and ENV_NAME.fullmatch(name) is None:
         ctx.report("must be an environment variable name")
         return None
     return name
@@ -998,7 +533,7 @@ def _env_name(ctx: _Context, raw: object) -> str | None:
 
 def _header_name(ctx: _Context, raw: object) -> str | None:
     name = _string(ctx, raw)
-    if name is not None and _TOKEN.fullmatch(name) is None:
+    if name is not None and TOKEN.fullmatch(name) is None:
         ctx.report("must be a valid header name")
         return None
     return None if name is None else name.lower()
@@ -1006,7 +541,7 @@ def _header_name(ctx: _Context, raw: object) -> str | None:
 
 def _cookie_name(ctx: _Context, raw: object) -> str | None:
     name = _string(ctx, raw)
-    if name is not None and _TOKEN.fullmatch(name) is None:
+    if name is not None and TOKEN.fullmatch(name) is None:
         ctx.report("must be a valid cookie name")
         return None
     return name
@@ -1028,7 +563,7 @@ def _path_prefix(ctx: _Context, raw: object) -> str | None:
     if not text.startswith("/"):
         ctx.report("must start with /")
         return None
-    if _PLAIN_PATH.fullmatch(text) is None:
+    if PLAIN_PATH.fullmatch(text) is None:
         ctx.report("must not contain spaces, ? or #")
         return None
     return text
@@ -1042,7 +577,7 @@ def _match_host(ctx: _Context, raw: object) -> str | None:
     text = text.lower()
     if text.count(":") > 1 and _is_ipv6(text):  # a bare IPv6 literal, as operators write it
         return f"[{text}]"
-    match = _MATCH_HOST.fullmatch(text)
+    match = MATCH_HOST.fullmatch(text)
     if match is None or (match["v6"] is not None and not _is_ipv6(match["v6"])):
         ctx.report("must be a host name, optionally with :port")
         return None
@@ -1061,12 +596,12 @@ def _address(ctx: _Context, raw: object) -> Address | None:
     text = _string(ctx, raw)
     if text is None:
         return None
-    match = _ADDRESS.fullmatch(text)
+    match = ADDRESS.fullmatch(text)
     if match is None or (match["v6"] is not None and not _is_ipv6(match["v6"])):
         ctx.report("must be host:port or [ipv6]:port")
         return None
     port = int(match["port"])
-    if port > _MAX_PORT:
+    if port > MAX_PORT:
         ctx.report("port must be between 0 and 65535")  # 0 asks the OS for a free port
         return None
     return Address(host=(match["v6"] or match["host"]).lower(), port=port)
@@ -1080,7 +615,7 @@ def _upstream(ctx: _Context, raw: object) -> Upstream | None:
         parts = urlsplit(text)
         port = parts.port  # raises on a port that is not a number in 0..65535
     except ValueError:
-        ctx.report(_UPSTREAM_HINT)
+        ctx.report(UPSTREAM_HINT)
         return None
     problem = _upstream_problem(parts, port)
     if problem is not None:
@@ -1110,8 +645,8 @@ def _upstream_problem(parts: SplitResult, port: int | None) -> str | None:
         return "must not contain user info"
     host = parts.hostname
     # urlsplit has validated a bracketed IPv6 host already; anything else must look like a name.
-    if not host or (":" not in host and _HOSTNAME.fullmatch(host) is None):
-        return _UPSTREAM_HINT
+    if not host or (":" not in host and HOSTNAME.fullmatch(host) is None):
+        return UPSTREAM_HINT
     if port == 0:
         return "port must be between 1 and 65535"
     if parts.path not in ("", "/"):
