@@ -23,7 +23,7 @@ from proxy.control.exposition import ProxyCollector, build_registry
 from proxy.control.holder import RuntimeHolder
 from proxy.control.reloads import Reloader
 from proxy.control.store import StateStore
-from proxy.control.workers import WorkerPool
+from proxy.control.supervisor import WorkerPool
 from proxy.core.config import Config, ConfigError, ConfigProblem
 from proxy.dataplane.server import Server
 
@@ -32,7 +32,7 @@ log = logging.getLogger("canary_proxy")
 
 class Proxy:
     """Owns the data plane and the admin app: the data plane is this process's server, or
-    (`workers` > 1) worker processes it supervises (proxy.workers)."""
+    (`workers` > 1) worker processes it supervises (proxy.control.supervisor)."""
 
     def __init__(self, config: Config, *, config_path: str | None, workers: int = 1) -> None:
         self.config = config

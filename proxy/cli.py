@@ -148,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config or _default_config_path(), args.workers)
     if args.command == "worker":
-        from proxy.control.workers import run_worker
+        from proxy.control.worker import run_worker
 
         _install_uvloop()
         asyncio.run(run_worker(args.fd, args.counters_fd))
@@ -281,7 +281,7 @@ def _run(path: str, workers: int | str | None) -> int:
         return EXIT_CONFIG
     from proxy.app import serve
     from proxy.control.admin import AdminSetupError
-    from proxy.control.workers import worker_count
+    from proxy.control.supervisor import worker_count
 
     _install_uvloop()
     try:

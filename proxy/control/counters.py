@@ -1,12 +1,13 @@
 """A worker's counters in memory its supervisor can still read after the worker has died.
 
-A worker reports the change in its counters every 50 ms (proxy/workers.py), so a worker killed
-with SIGKILL would take what it counted after its last report with it. Instead, its recorder
-keeps every counter in a block of memory it shares with its supervisor: the supervisor creates
-one anonymous shared file (a memfd) per worker process it starts and passes its descriptor;
-the worker maps it, and `VersionStats` bump 64-bit words in it (proxy/metrics.py). When a
-worker has gone, the supervisor reads the block once and adds what the worker counted beyond
-the reports that reached it whole, so nothing is lost and nothing is counted twice.
+A worker reports the change in its counters every 50 ms (proxy/control/worker.py), so a worker
+killed with SIGKILL would take what it counted after its last report with it. Instead, its
+recorder keeps every counter in a block of memory it shares with its supervisor: the supervisor
+creates one anonymous shared file (a memfd) per worker process it starts and passes its
+descriptor; the worker maps it, and `VersionStats` bump 64-bit words in it
+(proxy/dataplane/outcomes.py). When a worker has gone, the supervisor reads the block once and
+adds what the worker counted beyond the reports that reached it whole, so nothing is lost and
+nothing is counted twice.
 
 Layout (native 64-bit words: both sides run on one machine):
 

@@ -1,5 +1,6 @@
-"""Workers and their supervisor, in one process: the channel's framing, what a worker reports,
-and how the supervisor adds reports up — one guard and one set of counters for all workers."""
+"""Workers and their supervisor, in one process: what a worker reports and is told, and how the
+supervisor adds reports up — one guard and one set of counters for all workers (the channel's
+framing: test_channel.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import contextlib
 import logging
 import os
 import re
-import socket
 from bisect import bisect_left
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,21 +17,26 @@ from typing import cast
 
 import pytest
 from configs import guarded
+from socket_pairs import channel
 
-import proxy.control.workers as workers_module
+import proxy.control.supervisor as supervisor_module
+from proxy.control.channel import (
+    Configure,
+    Counters,
+    Draining,
+    Ready,
+    Report,
+    States,
+    Sync,
+    Tallied,
+    receive,
+    send,
+)
 from proxy.control.controller import RouteStates
 from proxy.control.counters import SharedCounters, create_block
 from proxy.control.holder import RuntimeHolder
-from proxy.control.workers import (
-    Backoff,
-    Report,
-    Worker,
-    WorkerHandle,
-    WorkerPool,
-    receive,
-    send,
-    worker_count,
-)
+from proxy.control.supervisor import Backoff, WorkerHandle, WorkerPool, worker_count
+from proxy.control.worker import Worker
 from proxy.core.config import Config, Upstream
 from proxy.core.window import LATENCY_BOUNDS, Tally
 from proxy.dataplane.outcomes import DURATION_BUCKETS, CounterMemory, StatsDelta, VersionStats
@@ -78,6 +83,11 @@ def report(*tallies: tuple[str, int, bool, int, int]) -> Report:
     )
 
 
+def counted(*stats: Counters) -> Report:
+    """A report of counters alone."""
+    return Report(stats=list(stats), rejected={}, tallies=[], connections=0)
+
+
 def take(pool: WorkerPool, report: Report) -> None:
     """The supervisor takes `report` as from its first worker."""
     pool.take(pool.workers[0], report)
@@ -94,23 +104,6 @@ def delta(codes: dict[int, int], duration: float = FAST) -> StatsDelta:
 
 
 @contextlib.asynccontextmanager
-async def channel() -> AsyncIterator[
-    tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamWriter]
-]:
-    """Both ends of a socket pair as streams: (reader, writer) of one side, then the other's."""
-    ours, theirs = socket.socketpair()
-    our_reader, our_writer = await asyncio.open_unix_connection(sock=ours)
-    their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
-    try:
-        yield our_reader, our_writer, their_reader, their_writer
-    finally:
-        for writer in (our_writer, their_writer):
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
 async def in_process(
     worker_config: Config, states: RouteStates | None = None, memory: CounterMemory | None = None
 ) -> AsyncIterator[Worker]:
@@ -122,41 +115,7 @@ async def in_process(
         yield worker
 
 
-# -- the channel ---------------------------------------------------------------------------------
-
-
-async def test_messages_cross_a_socket_pair_whole_and_in_order() -> None:
-    large = ("big", b"x" * 3_000_000)  # far more than one read of the socket
-    stats_report = Report([("shop", "canary", -1, delta({200: 2}))], {400: 1}, [], 3)
-    messages: list[object] = [
-        ("ready", 1234),
-        large,
-        ("report", stats_report),
-        ("config", config(), {"shop": (1000, False, 1)}, config().listen),
-        ("states", {}),
-    ]
-    async with channel() as (_, writer, reader, _):
-        for message in messages:
-            send(writer, message)
-        received = [await asyncio.wait_for(receive(reader), timeout=5) for _ in messages]
-    assert received == messages
-
-
-async def test_receiving_from_a_side_that_has_gone_raises_incomplete_read() -> None:
-    async with channel() as (_, writer, reader, _):
-        send(writer, ("states", {}))
-        writer.close()
-        assert await receive(reader) == ("states", {})
-        with pytest.raises(asyncio.IncompleteReadError):
-            await receive(reader)
-
-
-async def test_a_message_cut_off_mid_frame_is_an_incomplete_read() -> None:
-    async with channel() as (_, writer, reader, _):
-        writer.write((100).to_bytes(4, "big") + b"too short")
-        writer.close()
-        with pytest.raises(asyncio.IncompleteReadError):
-            await receive(reader)
+# -- how many workers -------------------------------------------------------------------------
 
 
 def test_auto_is_one_worker_per_cpu_this_process_may_run_on_and_a_number_is_that_many(
@@ -216,7 +175,7 @@ async def test_what_an_old_epochs_tally_counted_is_never_reported() -> None:
     async with in_process(config()) as worker:
         epoch = shop(worker.holder).state.epoch
         serve(worker, ok=5, errors=5)
-        worker.apply(("states", {"shop": (1000, False, epoch + 1)}))
+        worker.apply(States(states={"shop": (1000, False, epoch + 1)}))
         serve(worker, ok=1, errors=0)
         assert worker.collect().tallies == [("shop", epoch + 1, True, 1, 0, ((FAST_BUCKET, 1),))]
 
@@ -236,8 +195,9 @@ async def test_a_route_dropped_and_added_again_between_reports_counts_from_zero(
         for _ in range(3):
             shop(worker.holder).canary_stats.observe(200, FAST)
         worker.collect()
-        worker.apply(("config", config(name="blog"), {}, None))
-        worker.apply(("config", config(), {}, None))  # two reloads within one report interval
+        # Two reloads within one report interval.
+        worker.apply(Configure(config=config(name="blog"), states={}, listen=None))
+        worker.apply(Configure(config=config(), states={}, listen=None))
         for _ in range(2):
             shop(worker.holder).canary_stats.observe(200, FAST)
         assert [(r, v, d[0]) for r, v, _, d in worker.collect().stats] == [
@@ -250,9 +210,9 @@ async def test_a_route_dropped_and_added_again_across_reports_counts_from_zero()
         for _ in range(3):
             shop(worker.holder).canary_stats.observe(200, FAST)
         worker.collect()
-        worker.apply(("config", config(name="blog"), {}, None))
+        worker.apply(Configure(config=config(name="blog"), states={}, listen=None))
         worker.collect()
-        worker.apply(("config", config(), {}, None))
+        worker.apply(Configure(config=config(), states={}, listen=None))
         for _ in range(2):
             shop(worker.holder).canary_stats.observe(200, FAST)
         assert [(r, v, d[0]) for r, v, _, d in worker.collect().stats] == [
@@ -266,9 +226,9 @@ async def test_a_route_dropped_and_added_again_across_reports_counts_from_zero()
 async def test_a_worker_takes_its_supervisors_weights_and_aborts() -> None:
     async with in_process(config()) as worker:
         route = shop(worker.holder)
-        worker.apply(("states", {"shop": (0, True, route.state.epoch)}))
+        worker.apply(States(states={"shop": (0, True, route.state.epoch)}))
         assert (route.state.weight_bp, route.state.aborted) == (0, True)
-        worker.apply(("states", {"shop": (2500, False, route.state.epoch)}))
+        worker.apply(States(states={"shop": (2500, False, route.state.epoch)}))
         assert (route.state.weight_bp, route.state.aborted) == (2500, False)
 
 
@@ -277,14 +237,11 @@ async def test_canary_errors_send_one_report_at_once_without_waiting_for_the_int
         worker = Worker(reader, writer, config())
         epoch = shop(worker.holder).state.epoch
         serve(worker, ok=2, errors=3)  # three errors, one report
-        message = await asyncio.wait_for(receive(supervisor), timeout=5)
-        assert isinstance(message, tuple)
-        kind, sent = message
-        assert kind == "report"
+        sent = await asyncio.wait_for(receive(supervisor), timeout=5)
         assert isinstance(sent, Report)
         assert sent.tallies == [("shop", epoch, True, 5, 3, ((FAST_BUCKET, 5),))]
-        send(writer, "marker")
-        assert await asyncio.wait_for(receive(supervisor), timeout=5) == "marker"
+        send(writer, Draining())
+        assert await asyncio.wait_for(receive(supervisor), timeout=5) == Draining()
         assert worker.collect().tallies == []  # the report took them
 
 
@@ -292,7 +249,9 @@ async def test_a_new_config_and_its_states_are_applied_together() -> None:
     async with in_process(config()) as worker:
         epoch = shop(worker.holder).state.epoch
         new = config(canary=V3, split={"weight": 50})
-        worker.apply(("config", new, {"shop": (0, True, epoch + 5)}, new.listen))
+        worker.apply(
+            Configure(config=new, states={"shop": (0, True, epoch + 5)}, listen=new.listen)
+        )
         route = shop(worker.holder)
         assert worker.holder.current.config is new
         assert route.route.canary is not None
@@ -314,7 +273,7 @@ async def test_a_worker_that_cannot_build_a_config_drains_on_the_old_one_to_be_r
         broken = replace(route, stable=replace(route.stable, upstreams=(cast(Upstream, None),)))
         new = replace(old, routes=(broken,))  # the runtime cannot be built from it
         with caplog.at_level(logging.ERROR, logger="canary_proxy"):
-            worker.apply(("config", new, {"shop": (0, True, 9)}, new.listen))
+            worker.apply(Configure(config=new, states={"shop": (0, True, 9)}, listen=new.listen))
         assert "cannot apply the new config; draining, to be started again" in caplog.text
         assert worker.stopping.is_set()  # its supervisor starts it again, on the new config
         assert worker.holder.current.config is old  # what it drains with
@@ -327,12 +286,24 @@ async def test_a_message_a_worker_does_not_know_is_logged_and_changes_nothing(
     async with in_process(config()) as worker:
         before = worker.holder.controller.route_states()
         with caplog.at_level(logging.ERROR, logger="canary_proxy"):
-            worker.apply(("weights", {"shop": (0, True, 1)}))
+            worker.apply(Ready(pid=1))  # one for the supervisor
         assert "unknown message" in caplog.text
         assert worker.holder.controller.route_states() == before
 
 
 # -- the supervisor adds reports up --------------------------------------------------------------
+
+
+async def test_a_message_the_supervisor_does_not_know_is_logged_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = WorkerPool(RuntimeHolder(config()), 1)
+    handle = pool.workers[0]
+    with caplog.at_level(logging.ERROR, logger="canary_proxy"):
+        pool._heard(handle, Sync(number=1))  # one for a worker
+    assert "worker 0 sent an unknown message: Sync" in caplog.text
+    assert not handle.ready.is_set()
+    assert handle.requests == 0
 
 
 async def test_two_workers_below_min_requests_alone_trip_one_guard_together() -> None:
@@ -352,7 +323,7 @@ async def test_two_workers_below_min_requests_alone_trip_one_guard_together() ->
         assert live.weight_bp == 0
         assert leader.outcomes.rollbacks == {("shop", "error_rate"): 1}
         for worker in (one, two):  # the next states message reaches every worker
-            worker.apply(("states", leader.controller.route_states()))
+            worker.apply(States(states=leader.controller.route_states()))
             assert (shop(worker.holder).state.weight_bp, shop(worker.holder).state.aborted) == (
                 0,
                 True,
@@ -381,7 +352,8 @@ async def test_slow_canary_responses_reported_by_workers_trip_the_guard_on_the_t
     live = shop(leader).state
     slow = bisect_left(LATENCY_BOUNDS, 2.0)
     for _ in range(2):  # two workers, 15 slow responses each, no errors
-        take(pool, Report([], {}, [("shop", live.epoch, True, 15, 0, ((slow, 15),))], 0))
+        tallied: Tallied = ("shop", live.epoch, True, 15, 0, ((slow, 15),))
+        take(pool, Report(stats=[], rejected={}, tallies=[tallied], connections=0))
     assert not live.aborted  # no error: left for the tick
     leader.controller.tick(leader.canary_stats)
     assert live.aborted
@@ -468,9 +440,9 @@ async def test_every_workers_counts_add_up_in_the_supervisors_recorder() -> None
 async def test_counts_added_from_reports_survive_a_reload_that_keeps_the_route() -> None:
     leader = RuntimeHolder(config())
     pool = WorkerPool(leader, 1)
-    take(pool, Report([("shop", "canary", -1, delta({200: 2}))], {}, [], 0))
+    take(pool, counted(("shop", "canary", -1, delta({200: 2}))))
     leader.swap(config(split={"weight": 20}))
-    take(pool, Report([("shop", "canary", -1, delta({200: 3}))], {}, [], 0))
+    take(pool, counted(("shop", "canary", -1, delta({200: 3}))))
     assert leader.outcomes.requests == {("shop", "canary", 200): 5}
     assert shop(leader).canary_stats.requests == 5  # the data path's object is the same one
 
@@ -583,10 +555,10 @@ async def test_a_burst_of_decisions_reaches_each_worker_as_one_message_of_the_la
             pool.states_changed()
         await asyncio.sleep(0)  # the loop's next turn sends
         for writer in (first, second):
-            send(writer, ("marker",))
+            send(writer, Sync(number=99))
         for end in (first_end, second_end):
-            assert await receive(end) == ("states", {"shop": (4000, False, live.epoch)})
-            assert await receive(end) == ("marker",)  # nothing else in between
+            assert await receive(end) == States(states={"shop": (4000, False, live.epoch)})
+            assert await receive(end) == Sync(number=99)  # nothing else in between
 
 
 @contextlib.asynccontextmanager
@@ -657,7 +629,7 @@ async def test_settled_does_not_wait_for_a_worker_that_is_not_ready() -> None:
 async def test_settled_gives_up_on_a_silent_worker_and_names_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(workers_module, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(supervisor_module, "SETTLE_SECONDS", 0.05)
     pool = WorkerPool(RuntimeHolder(config()), 2)
     async with followed_by(pool, 0):
         with caplog.at_level(logging.WARNING, logger="canary_proxy"):
@@ -688,7 +660,7 @@ async def test_a_worker_that_drains_is_not_ready_and_no_change_waits_for_it(
         with caplog.at_level(logging.WARNING, logger="canary_proxy"):
             writer = pool.workers[0].writer
             assert writer is not None
-            send(writer, ("config", new, {}, new.listen))  # it cannot build it
+            send(writer, Configure(config=new, states={}, listen=new.listen))  # it cannot build it
             async with asyncio.timeout(0.5):
                 await pool.settled()  # no wait for a worker on its way out
         assert worker.stopping.is_set()
@@ -738,7 +710,7 @@ async def test_a_slot_whose_process_cannot_even_start_backs_off(
     def no_block(capacity: int = 0) -> int:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(workers_module, "create_block", no_block)
+    monkeypatch.setattr(supervisor_module, "create_block", no_block)
     restarts = Restarts(wanted=3)
     logger = logging.getLogger("canary_proxy")
     logger.addHandler(restarts)

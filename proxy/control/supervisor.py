@@ -1,51 +1,33 @@
 """Worker processes: N data planes on one port, and one supervisor that decides for them all.
 
-`canary-proxy run --workers N` (or `workers:` in the config) starts a supervisor and N workers.
+`canary-proxy run --workers N` (or `workers:` in the config) starts a supervisor and N workers
+(proxy/control/worker.py), each talking to it over its own channel (proxy/control/channel.py).
 
 - **Supervisor** (the process started): the control plane. It owns the config and reloads,
   the admin API and `/metrics`, `state_dir`, and the only rollout `Controller` that decides:
   the guard's windows, the ramp, the admin verbs. It serves no traffic. It restarts a worker
   that dies (with a back-off when one keeps dying) and passes SIGTERM on to every worker.
-- **Workers** (`python -m proxy worker`, started by the supervisor): the data plane. Each one
-  listens on the same address with SO_REUSEPORT, so the kernel spreads new connections over
-  them, and routes with the weights its supervisor sent. Its controller is a follower: it
-  decides nothing and persists nothing. Workers run in their own session (a terminal's
-  Ctrl-C reaches only the supervisor) and are started with `-P` (never a `proxy` module from
-  the working directory).
+- **Workers**: the data plane. Each one listens on the same address with SO_REUSEPORT and
+  routes with the weights its supervisor sent; its controller is a follower.
 - **Watchdog.** A ready worker silent for SILENCE_SECONDS (stopped, or its loop blocked) is
   killed and started again; a worker that cannot start during the first start fails it at once.
-
-**The channel.** Each worker has one Unix socket pair with its supervisor, carrying
-length-prefixed pickled messages (both ends are the same program and the same user):
-
-- supervisor -> worker: `("config", Config, states, listen)` first and after every reload;
-  `("states", states)` after every decision (guard trip, ramp step, admin verb). `states` is
-  `{route: (weight_bp, aborted, epoch)}`; a reload's swap and the states it comes with are
-  applied in one step, so no request sees one without the other.
-- worker -> supervisor: `("ready", pid)` once listening; `("report", ...)` every
-  REPORT_SECONDS, and at once (coalesced) when the worker records a canary error, and a last
-  one when it exits on SIGTERM.
-- `("sync", n)` -> `("synced", n)`: the channel is ordered and a worker applies messages in
-  order, so its answer means it applies everything sent before. The admin API answers a
-  reload or a verb only once every ready worker has synced (`WorkerPool.settled`): when
-  `canary-proxy reload` or `set-weight` returns, the change is live on every worker.
 
 **One guard.** A worker records each response into a `Tally` per guarded route and version;
 a report carries what the tallies counted since the last one. The supervisor adds them to the
 route's one `SlidingWindow`, so the verdict uses the traffic of every worker, and a report
 with canary errors is assessed on arrival. A trip reaches every worker with the next
-`states` message, in a millisecond or so. Tallies carry the route's window epoch: evidence
+`States` message, in a millisecond or so. Tallies carry the route's window epoch: evidence
 from before a retry or a new revision is dropped, as in a single process.
 
 **One set of counters.** Reports carry the change in each route's counters since the last
 report; the supervisor adds them to its recorder, which `/metrics` exposes, so totals are
 never double counted and survive a worker's restart. The worker keeps those counters in a
-block of memory shared with its supervisor (proxy/counters.py): when a worker has gone, even
-by SIGKILL, the supervisor reads its block and adds what it counted after the last report
-that arrived whole, so no count is lost either. What a killed worker loses is the requests it
-had in flight (connections it had accepted but not yet taken are reset by the kernel), and
-the guard's evidence from its last report interval: the windows judge a rate, and the counts
-it missed are in `/metrics`.
+block of memory shared with its supervisor (proxy/control/counters.py): when a worker has
+gone, even by SIGKILL, the supervisor reads its block and adds what it counted after the last
+report that arrived whole, so no count is lost either. What a killed worker loses is the
+requests it had in flight (connections it had accepted but not yet taken are reset by the
+kernel), and the guard's evidence from its last report interval: the windows judge a rate,
+and the counts it missed are in `/metrics`.
 """
 
 from __future__ import annotations
@@ -54,28 +36,34 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Final
 
+from proxy.control.channel import (
+    Configure,
+    Draining,
+    Message,
+    Ready,
+    Report,
+    States,
+    Sync,
+    Synced,
+    UnknownMessage,
+    receive,
+    send,
+)
 from proxy.control.controller import RouteStates
-from proxy.control.counters import SharedCounters, create_block, read_block, unreported
+from proxy.control.counters import create_block, read_block, unreported
 from proxy.control.holder import RuntimeHolder
-from proxy.core.config import Address, Config
-from proxy.core.window import Tally, TallyCounts
-from proxy.dataplane.outcomes import CounterMemory, Recorder, StatsDelta, VersionStats
-from proxy.dataplane.server import Server
+from proxy.core.config import Address
+from proxy.core.window import TallyCounts
+from proxy.dataplane.outcomes import VersionStats
 
 log = logging.getLogger("canary_proxy")
 
-REPORT_SECONDS: Final = 0.05
-# A canary error is reported at once, but not more often than this: a canary failing at
-# thousands of requests per second (say, under a guard that only observes) must not turn into
-# thousands of reports.
-MIN_REPORT_GAP_SECONDS: Final = 0.005
 START_TIMEOUT_SECONDS: Final = 30.0
 # A worker that dies is started again after a pause that doubles while it keeps dying.
 FIRST_BACKOFF_SECONDS: Final = 0.1
@@ -87,37 +75,6 @@ SILENCE_SECONDS: Final = 2.0
 # How long an admin answer waits for the workers to confirm a change (then it is logged; a
 # worker that stays silent is the watchdog's).
 SETTLE_SECONDS: Final = 1.0
-_FRAME_HEADER: Final = 4
-
-Tallied = tuple[str, int, bool, int, int, tuple[tuple[int, int], ...]]
-# route, epoch, canary?, requests, errors, latency buckets
-Counters = tuple[str, str, int, StatsDelta]
-# route, version, its slot in the worker's shared block (-1: none), what changed
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """What a worker counted since its previous report."""
-
-    stats: list[Counters]
-    rejected: dict[int, int]
-    tallies: list[Tallied]
-    connections: int
-
-
-# -- the channel -------------------------------------------------------------------------------
-
-
-def send(writer: asyncio.StreamWriter, message: object) -> None:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(len(body).to_bytes(_FRAME_HEADER, "big") + body)
-
-
-async def receive(reader: asyncio.StreamReader) -> object:
-    """The next message; asyncio.IncompleteReadError when the other side has gone."""
-    size = int.from_bytes(await reader.readexactly(_FRAME_HEADER), "big")
-    # Unpickling is safe here: the only peer is our own process, over a private socket pair.
-    return pickle.loads(await reader.readexactly(size))
 
 
 def worker_count(workers: int | str) -> int:
@@ -126,163 +83,6 @@ def worker_count(workers: int | str) -> int:
         return len(os.sched_getaffinity(0)) or 1
     assert isinstance(workers, int)
     return workers
-
-
-# -- the worker --------------------------------------------------------------------------------
-
-
-class Worker:
-    """One data plane process: serves, follows its supervisor, reports what it counted."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        config: Config,
-        memory: CounterMemory | None = None,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.loop = asyncio.get_running_loop()
-        self.holder = RuntimeHolder(config, follower=True, recorder=Recorder(memory))
-        self.holder.controller.on_canary_error = self._report_soon
-        self.server = Server(self.holder.plane, self.loop)
-        # Per series: the stats object last reported on, and a copy of it as it was then.
-        self._sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
-        self._sent_rejected: dict[int, int] = {}
-        self._report_pending = False
-        self._reported_at = 0.0
-        self.stopping = asyncio.Event()
-
-    async def serve(self, states: RouteStates, listen: Address) -> None:
-        self.holder.controller.follow(states)
-        await self.server.start(listen.host, listen.port, reuse_port=True)
-        send(self.writer, ("ready", os.getpid()))
-        for signum in (signal.SIGINT, signal.SIGHUP):
-            # A terminal's Ctrl-C or hang-up reaches the whole process group: the supervisor
-            # decides, and passes SIGTERM on.
-            self.loop.add_signal_handler(signum, lambda: None)
-        self.loop.add_signal_handler(signal.SIGTERM, self.drain)
-        listening = self.loop.create_task(self._listen())
-        reporting = self.loop.create_task(self._report_forever())
-        await self.stopping.wait()
-        # Still listening and reporting while in-flight requests drain: a guard decision
-        # reaches this worker, and the supervisor sees what the drain counted.
-        await self.server.shutdown(self.holder.current.config.timeouts.shutdown)
-        for task in (listening, reporting):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._report()  # the last counts, after the drain
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-        self.writer.close()
-
-    def drain(self) -> None:
-        """Stop taking connections, finish what is in flight, then exit. The supervisor hears
-        of it first: this worker is no longer ready, and no change waits for it."""
-        if not self.stopping.is_set():
-            self.stopping.set()
-            if not self.writer.is_closing():
-                send(self.writer, ("draining",))
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                message = await receive(self.reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                log.error("worker %d: the supervisor has gone; draining and stopping", os.getpid())
-                self.stopping.set()
-                return
-            try:
-                self.apply(message)
-            except Exception:  # one bad message must not stop this worker following for good
-                log.exception("worker %d: cannot apply a message from the supervisor", os.getpid())
-
-    def apply(self, message: object) -> None:
-        match message:
-            case ("config", Config() as config, dict() as states, _):
-                try:
-                    self.holder.swap(config)
-                except Exception:
-                    # The supervisor built this config already, so this is this process's
-                    # trouble. Serving the old config would split the fleet: drain instead,
-                    # and the supervisor starts this worker again, on the config it has now.
-                    log.exception(
-                        "worker %d: cannot apply the new config; draining, to be started again",
-                        os.getpid(),
-                    )
-                    self.drain()
-                    return
-                self.holder.controller.follow(states)
-            case ("states", dict() as states):
-                self.holder.controller.follow(states)
-            case ("sync", int() as number):
-                send(self.writer, ("synced", number))
-            case _:
-                log.error("worker %d: unknown message from the supervisor", os.getpid())
-
-    async def _report_forever(self) -> None:
-        while True:
-            await asyncio.sleep(REPORT_SECONDS)
-            self._report()
-
-    def _report_soon(self) -> None:
-        if not self._report_pending:
-            self._report_pending = True
-            wait = self._reported_at + MIN_REPORT_GAP_SECONDS - self.loop.time()
-            self.loop.call_later(max(0.0, wait), self._report)
-
-    def _report(self) -> None:
-        self._report_pending = False
-        self._reported_at = self.loop.time()
-        if self.writer.is_closing():
-            return
-        send(self.writer, ("report", self.collect()))
-
-    def collect(self) -> Report:
-        """The counters' change since the previous report, and the drained tallies."""
-        recorder = self.holder.outcomes
-        stats: list[Counters] = []
-        sent: dict[tuple[str, str], tuple[VersionStats, VersionStats]] = {}
-        for route, version, current in recorder.series():
-            was = self._sent.get((route, version))
-            # A series the config dropped and brought back (even between two reports) is a
-            # new object that starts from zero.
-            before = was[1] if was is not None and was[0] is current else VersionStats()
-            delta = current.since(before)
-            if delta is not None:
-                stats.append((route, version, current.slot, delta))
-            sent[(route, version)] = (current, current.copy() if delta is not None else before)
-        self._sent = sent
-        rejected = recorder.rejected_since(self._sent_rejected)
-        self._sent_rejected = dict(recorder.rejected)
-        tallies: list[Tallied] = []
-        for name, live in self.holder.controller.live.items():
-            for canary, evidence in ((False, live.stable_evidence), (True, live.canary_evidence)):
-                if isinstance(evidence, Tally) and (counts := evidence.drain()) is not None:
-                    tallies.append(
-                        (name, live.epoch, canary, counts.requests, counts.errors, counts.buckets)
-                    )
-        return Report(stats, rejected, tallies, len(self.server.connections))
-
-
-async def run_worker(fd: int, counters_fd: int) -> None:
-    """The `worker` command: talk to the supervisor over the inherited socket `fd`, and keep
-    the counters in the shared block `counters_fd`."""
-    memory = SharedCounters(counters_fd)
-    channel = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=channel)
-    match await receive(reader):
-        case ("config", Config() as config, dict() as states, Address() as listen):
-            pass
-        case _:
-            raise RuntimeError("the supervisor's first message must be the config")
-    worker = Worker(reader, writer, config, memory)
-    await worker.serve(states, listen)
-
-
-# -- the supervisor ----------------------------------------------------------------------------
 
 
 class Backoff:
@@ -478,13 +278,16 @@ class WorkerPool:
         worker.reported, worker.reported_rejected = {}, {}
         worker.ready.clear()
         assert self.listen is not None
-        send(writer, ("config", self.holder.current.config, self._states(), self.listen))
+        send(writer, self._configure())
         worker.heard_at = self.loop.time()
         while True:
             try:
                 message = await receive(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the worker has gone
+            except UnknownMessage as error:  # read whole: the next frame is still in step
+                log.error("worker %d sent an unknown message: %s", worker.index, error)
+                continue
             except Exception:  # a frame we cannot read: the channel is out of step
                 log.exception("worker %d sent what cannot be read; restarting it", worker.index)
                 _kill(process)
@@ -514,7 +317,7 @@ class WorkerPool:
             log.error("worker %d: cannot read its counters: %s", worker.index, error)
             return
         if stats or rejected:
-            self.take(worker, Report(stats, rejected, [], 0))
+            self.take(worker, Report(stats=stats, rejected=rejected, tallies=[], connections=0))
             log.info(
                 "worker %d (pid %s): recovered %d responses and %d rejected requests it "
                 "counted after its last report",
@@ -541,19 +344,21 @@ class WorkerPool:
                     if worker.process is not None:
                         _kill(worker.process)
 
-    def _heard(self, worker: WorkerHandle, message: object) -> None:
+    def _heard(self, worker: WorkerHandle, message: Message) -> None:
         match message:
-            case ("report", Report() as report):
+            case Report() as report:
                 self.take(worker, report)
-            case ("ready", int()):
+            case Ready():
                 worker.ready.set()
-            case ("synced", int() as number):
+            case Synced(number=number):
                 worker.synced(number)
-            case ("draining",):  # it serves what it has in flight, then exits
+            case Draining():  # it serves what it has in flight, then exits
                 worker.ready.clear()
                 worker.synced(self._syncs)
-            case _:
-                log.error("worker %d sent an unknown message", worker.index)
+            case _:  # one for a worker
+                log.error(
+                    "worker %d sent an unknown message: %s", worker.index, type(message).__name__
+                )
 
     def take(self, worker: WorkerHandle, report: Report) -> None:
         """A worker's report: its counts join the supervisor's and are marked as brought (so
@@ -596,7 +401,7 @@ class WorkerPool:
 
     def _send_states(self) -> None:
         self._states_pending = None
-        self._broadcast(("states", self._states()))
+        self._broadcast(States(states=self._states()))
 
     async def settled(self) -> None:
         """Return once every ready worker applies every config and decision sent so far (the
@@ -611,7 +416,7 @@ class WorkerPool:
             writer = worker.writer
             if worker.ready.is_set() and writer is not None and not writer.is_closing():
                 waiting[worker.index] = worker.syncs[number] = self.loop.create_future()
-                send(writer, ("sync", number))
+                send(writer, Sync(number=number))
         if not waiting:
             return
         await asyncio.wait(waiting.values(), timeout=SETTLE_SECONDS)
@@ -627,9 +432,14 @@ class WorkerPool:
             )
 
     def config_changed(self) -> None:
-        self._broadcast(("config", self.holder.current.config, self._states(), self.listen))
+        self._broadcast(self._configure())
 
-    def _broadcast(self, message: object) -> None:
+    def _configure(self) -> Configure:
+        return Configure(
+            config=self.holder.current.config, states=self._states(), listen=self.listen
+        )
+
+    def _broadcast(self, message: Message) -> None:
         for worker in self.workers:
             if worker.writer is not None and not worker.writer.is_closing():
                 send(worker.writer, message)
