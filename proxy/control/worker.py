@@ -23,6 +23,7 @@ import socket
 from typing import Final
 
 from proxy.control.channel import (
+    ChannelError,
     Configure,
     Counters,
     Draining,
@@ -33,7 +34,6 @@ from proxy.control.channel import (
     Sync,
     Synced,
     Tallied,
-    UnknownMessage,
     receive,
     send,
 )
@@ -117,8 +117,10 @@ class Worker:
                 log.error("worker %d: the supervisor has gone; draining and stopping", os.getpid())
                 self.stopping.set()
                 return
-            except UnknownMessage as error:  # read whole: the next frame is still in step
-                log.error("worker %d: unknown message from the supervisor: %s", os.getpid(), error)
+            except ChannelError as error:  # read whole: the next frame is still in step
+                log.error(
+                    "worker %d: cannot read a message from the supervisor: %s", os.getpid(), error
+                )
                 continue
             try:
                 self.apply(message)

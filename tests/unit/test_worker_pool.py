@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import re
 from bisect import bisect_left
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from proxy.control.channel import (
     Report,
     States,
     Sync,
+    Synced,
     Tallied,
     receive,
     send,
@@ -289,6 +291,41 @@ async def test_a_message_a_worker_does_not_know_is_logged_and_changes_nothing(
             worker.apply(Ready(pid=1))  # one for the supervisor
         assert "unknown message" in caplog.text
         assert worker.holder.controller.route_states() == before
+
+
+@pytest.mark.parametrize(
+    ("junk", "says"),
+    [
+        pytest.param(pickle.dumps(("states", {})), "a frame holding a tuple", id="unknown"),
+        pytest.param(
+            b"not a pickle", "a frame of 12 bytes that cannot be decoded", id="undecodable"
+        ),
+    ],
+)
+async def test_a_frame_that_is_not_a_message_is_logged_and_the_worker_keeps_following(
+    junk: bytes, says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with channel() as (reader, writer, supervisor_reader, supervisor):
+        worker = Worker(reader, writer, config())
+        epoch = shop(worker.holder).state.epoch
+        listening = asyncio.create_task(worker._listen())
+        try:
+            with caplog.at_level(logging.ERROR, logger="canary_proxy"):
+                supervisor.write(len(junk).to_bytes(4, "big") + junk)
+                send(supervisor, States(states={"shop": (2500, False, epoch)}))
+                send(supervisor, Sync(number=1))
+                async with asyncio.timeout(5):
+                    assert await receive(supervisor_reader) == Synced(number=1)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+        assert f"cannot read a message from the supervisor: {says}" in caplog.text
+        assert (shop(worker.holder).state.weight_bp, shop(worker.holder).state.aborted) == (
+            2500,
+            False,
+        )
+        assert not worker.stopping.is_set()
 
 
 # -- the supervisor adds reports up --------------------------------------------------------------
