@@ -1,7 +1,8 @@
 """Worker processes: N data planes on one port, and one supervisor that decides for them all.
 
 `canary-proxy run --workers N` (or `workers:` in the config) starts a supervisor and N workers
-(proxy/control/worker.py), each talking to it over its own channel (proxy/control/channel.py).
+(proxy/control/worker.py), each talking to it over its own channel (proxy/control/channel.py);
+docs/architecture.md ("Worker processes") draws it, docs/operations.md says how to run it.
 
 - **Supervisor** (the process started): the control plane. It owns the config and reloads,
   the admin API and `/metrics`, `state_dir`, and the only rollout `Controller` that decides:
