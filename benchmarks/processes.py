@@ -13,12 +13,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
+import toolchain
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
 STOP_GRACE_SECONDS: Final = 5.0
 READY_POLL_SECONDS: Final = 0.05
 LOG_TAIL_LINES: Final = 15
@@ -36,6 +43,32 @@ class Running:
 
     def is_alive(self) -> bool:
         return self.popen.poll() is None
+
+
+def guarded_main(
+    run: Callable[[], int], *, prog: str, failures: tuple[type[Exception], ...]
+) -> int:
+    """A benchmark command's body: SIGINT and SIGTERM unwind through its ExitStacks, which
+    stop every process it started; a missing tool exits 2, one of `failures` 1, Ctrl-C 130."""
+    # SIGINT is set explicitly because a shell starts background jobs with it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    handled: tuple[type[Exception], ...] = (ProcessFailed, subprocess.SubprocessError, *failures)
+    try:
+        return run()
+    except toolchain.MissingTools as missing:
+        print(f"{prog}: {missing}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; every process it started is stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except handled as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def free_port() -> int:

@@ -14,9 +14,7 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 import idle
@@ -35,7 +32,7 @@ import report
 import toolchain
 import wrk
 from idle import IdleFailed, IdleResult
-from processes import ProcessFailed, cpu_list, ensure_alive, group_cpu_seconds, pin_self
+from processes import EXIT_OK, cpu_list, ensure_alive, group_cpu_seconds, guarded_main, pin_self
 from reaction import ReactionFailed, ReactionSummary
 from report import Summary, WorkerBalance
 from scenarios import (
@@ -74,10 +71,6 @@ HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
 RESULTS: Final = HERE / "results"
 STICKY_SCRIPT: Final = HERE / "sticky.lua"
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
 _ALIASES: Final[dict[str, TargetKey]] = {"canary-proxy": "proxy", "canary": "proxy"}
 
 
@@ -271,32 +264,11 @@ def _proxy_cpus(options: Options, count: int) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    # Both signals unwind through the ExitStacks, which stop every process we started. SIGINT
-    # is set explicitly because a shell starts background jobs with it ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
-    try:
-        return _run(options)
-    except toolchain.MissingTools as missing:
-        print(f"bench: {missing}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; every process it started is stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (
-        ProcessFailed,
-        SmokeFailed,
-        wrk.WrkFailed,
-        IdleFailed,
-        ReactionFailed,
-        subprocess.SubprocessError,
-    ) as error:
-        print(f"bench: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    return guarded_main(
+        lambda: _run(options),
+        prog="bench",
+        failures=(SmokeFailed, wrk.WrkFailed, IdleFailed, ReactionFailed),
+    )
 
 
 def _run(options: Options) -> int:
@@ -633,21 +605,7 @@ def _canary_proxy_version() -> str:
         version = metadata.version("canary-proxy")
     except metadata.PackageNotFoundError:
         version = "not installed"
-    return f"{version} (git {_git_revision()})"
-
-
-def _git_revision() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() or "unknown"
+    return f"{version} (git {toolchain.git_revision(ROOT)})"
 
 
 def _header(started: datetime, machine: dict[str, object], options: Options) -> str:

@@ -13,7 +13,7 @@ import json
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +131,18 @@ def start_target(
     return starter(stack, host, scenario, upstream.port, placement)
 
 
-def _start_canary_proxy(
-    stack: ExitStack, host: Host, scenario: Scenario, upstream_port: int, placement: Placement
+def start_canary_proxy(
+    stack: ExitStack,
+    host: Host,
+    scenario: Scenario,
+    upstream_port: int,
+    placement: Placement,
+    *,
+    wrapper: Sequence[str] = (),
+    timeout: float = START_TIMEOUT_SECONDS,
 ) -> Target:
+    """canary-proxy with the scenario's config; `wrapper` goes before its command line
+    (instructions.py: valgrind), `timeout` bounds its start."""
     home = _home(host, f"{scenario.name}-canary-proxy{_suffix(placement)}")
     port = free_port()
     yaml = canary_proxy_yaml(
@@ -146,21 +155,36 @@ def _start_canary_proxy(
     )
     config = _write(home / "proxy.yaml", yaml)
     return _start_proxy_process(
-        stack, host, home=home, config=config, port=port, placement=placement
+        stack,
+        host,
+        home=home,
+        config=config,
+        port=port,
+        placement=placement,
+        wrapper=wrapper,
+        timeout=timeout,
     )
 
 
 def _start_proxy_process(
-    stack: ExitStack, host: Host, *, home: Path, config: Path, port: int, placement: Placement
+    stack: ExitStack,
+    host: Host,
+    *,
+    home: Path,
+    config: Path,
+    port: int,
+    placement: Placement,
+    wrapper: Sequence[str] = (),
+    timeout: float = START_TIMEOUT_SECONDS,
 ) -> Target:
     """canary-proxy, ready only once it logs that it listens: with workers, the port answers
     as soon as the first worker listens, the line comes once all of them do."""
-    argv = [str(host.canary_proxy), "run", "--config", str(config)]
+    argv = [*wrapper, str(host.canary_proxy), "run", "--config", str(config)]
     process = launch(
         stack, name="canary-proxy", argv=argv, cpu=placement.cpus, log_path=home / "output.log"
     )
-    wait_for_port(process, port, timeout=START_TIMEOUT_SECONDS)
-    wait_for_line(process, _PROXY_READY, timeout=START_TIMEOUT_SECONDS)
+    wait_for_port(process, port, timeout=timeout)
+    wait_for_line(process, _PROXY_READY, timeout=timeout)
     if placement.workers > 1:
         workers = re.compile(rf"\b{placement.workers} workers listening \(SO_REUSEPORT\)")
         if find_line(process, workers) is None:
@@ -264,7 +288,7 @@ def start_guarded_proxy(
 
 _Starter = Callable[[ExitStack, Host, Scenario, int, Placement], Target]
 _STARTERS: Final[Mapping[TargetKey, _Starter]] = {
-    "proxy": _start_canary_proxy,
+    "proxy": start_canary_proxy,
     "nginx": _start_nginx,
     "haproxy": _start_haproxy,
 }

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Final
 
 # Debian package of each tool; taskset is in util-linux, which every Debian system has.
@@ -19,6 +20,8 @@ PACKAGES: Final[Mapping[str, str]] = {
     "nginx": "nginx",
     "haproxy": "haproxy",
     "taskset": "util-linux",
+    "valgrind": "valgrind",  # instructions.py: callgrind counts the instructions per request
+    "callgrind_control": "valgrind",
 }
 _SBIN: Final = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on a normal user's PATH
 APT_TIMEOUT_SECONDS: Final = 900
@@ -61,15 +64,27 @@ def _install(packages: list[str]) -> None:
 def version(tool: str, path: str) -> str:
     """The first line a tool prints about its version (nginx and wrk write it to stderr)."""
     flag = {"nginx": "-v", "haproxy": "-v", "wrk": "-v"}.get(tool, "--version")
+    lines = _output([path, flag], stderr=True).strip().splitlines()
+    return _VERSION_NOISE.sub("", lines[0]).strip() if lines else "unknown"
+
+
+def git_revision(root: Path) -> str:
+    """`git describe --always --dirty` of the checkout at `root`, or `unknown`."""
+    described = _output(["git", "-C", str(root), "describe", "--always", "--dirty"])
+    return described.strip() or "unknown"
+
+
+def _output(argv: list[str], *, stderr: bool = False) -> str:
+    """What a short command prints (its stdout, and its stderr too if asked); empty if it
+    cannot run or takes too long."""
     try:
         done = subprocess.run(
-            [path, flag],
+            argv,
             capture_output=True,
             text=True,
             timeout=VERSION_TIMEOUT_SECONDS,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return _VERSION_NOISE.sub("", lines[0]).strip() if lines else "unknown"
+        return ""
+    return done.stdout + (done.stderr if stderr else "")
