@@ -32,6 +32,7 @@ from proxy.dataplane.exchange import (
     PAUSE_BACKPRESSURE,
     PAUSE_PIPELINE,
     PAUSE_UPGRADE,
+    ClientSide,
     Exchange,
     Reject,
 )
@@ -73,7 +74,7 @@ _XFP: Final = b"X-Forwarded-Proto: http\r\n"
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol, ClientSide):
     """One client connection: parses requests, runs their exchanges in order, keeps alive."""
 
     def __init__(self, server: Server) -> None:
