@@ -1,4 +1,7 @@
-"""Malformed and hostile requests (docs/operations.md, Responses the proxy makes itself).
+"""Malformed and hostile requests end to end on sockets (docs/operations.md, Responses the
+proxy makes itself): a few of each kind, and those that depend on the kernel (resets of a
+client still sending, the deadline sweep on a real clock). The full tables run on the
+transport-free harness in tests/unit/test_server.py.
 
 Every rejected request must get the expected proxy-made status with a short plain-text body
 (never a traceback), `Connection: close` and then EOF, and must never reach an upstream: the
@@ -10,106 +13,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from harness import UPSTREAM_OK, chunked_payload, complete_request_length, status_of
+from hostile import (
+    BAD_CODING,
+    BAD_REQUEST,
+    CHUNK_CASES,
+    CHUNKED,
+    CONTROL,
+    HOST,
+    LAST,
+    LIMITS,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_URL_BYTES,
+    REJECTED_CASES,
+    SMUGGLING_CASES,
+    check_proxy_made,
+    post,
+)
 
 from proxy.control.holder import RuntimeHolder
 from proxy.core.config import parse_config
 from proxy.dataplane.server import Server
 
 LOCALHOST = "127.0.0.1"
-HOST = b"Host: shop.example\r\n"
-MAX_HEADER_BYTES = 8192
-MAX_URL_BYTES = 2048
-MAX_BODY_BYTES = 1024
 CLIENT_HEADER_SECONDS = 1.0
 READ_TIMEOUT = 5.0  # longer than every proxy timeout: a read that hits it means a hang
-UPSTREAM_OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n"
-TRACEBACK_MARKERS = (b"Traceback", b'File "', b"Error:", b"Exception")
 
 
 # -- the recording upstream ----------------------------------------------------------------
-
-
-def _headers(head: bytes) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            fields[name.strip().lower()] = value.strip()
-    return fields
-
-
-def _chunked_body(data: bytes, start: int) -> tuple[int, int] | None:
-    """(end offset, payload bytes) of a complete chunked body at `start`, else None."""
-    pos = start
-    payload = 0
-    while True:
-        line_end = data.find(b"\r\n", pos)
-        if line_end < 0:
-            return None
-        try:
-            size = int(data[pos:line_end].split(b";", 1)[0], 16)
-        except ValueError:
-            return None
-        pos = line_end + 2
-        if size == 0:
-            if data.startswith(b"\r\n", pos):
-                return pos + 2, payload
-            trailers_end = data.find(b"\r\n\r\n", pos)
-            return None if trailers_end < 0 else (trailers_end + 4, payload)
-        if len(data) < pos + size + 2:
-            return None
-        payload += size
-        pos += size + 2
-
-
-def chunked_payload(data: bytes, start: int) -> tuple[int, bool]:
-    """Payload bytes of the (possibly incomplete) chunked body at `start`, and whether it ended."""
-    pos = start
-    payload = 0
-    while True:
-        line_end = data.find(b"\r\n", pos)
-        if line_end < 0:
-            return payload, False
-        try:
-            size = int(data[pos:line_end].split(b";", 1)[0], 16)
-        except ValueError:
-            return payload, False
-        pos = line_end + 2
-        if size == 0:
-            return payload, True
-        payload += min(size, max(0, len(data) - pos))
-        if len(data) < pos + size + 2:
-            return payload, False
-        pos += size + 2
-
-
-def complete_request_length(data: bytes) -> int | None:
-    """Length of the first complete request in `data` (head plus framed body), else None."""
-    head_end = data.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    fields = _headers(data[:head_end])
-    body_start = head_end + 4
-    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-        body = _chunked_body(data, body_start)
-        return None if body is None else body[0]
-    length = fields.get(b"content-length")
-    if length is not None:
-        try:
-            end = body_start + int(length)
-        except ValueError:
-            return None
-        return end if len(data) >= end else None
-    return body_start
 
 
 @dataclass
@@ -193,11 +131,7 @@ def _config(upstream_port: int, timeouts: dict[str, str]) -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
         "timeouts": timeouts,
-        "limits": {
-            "max_header_bytes": MAX_HEADER_BYTES,
-            "max_url_bytes": MAX_URL_BYTES,
-            "max_body_bytes": MAX_BODY_BYTES,
-        },
+        "limits": LIMITS,
         "routes": [
             {"name": "shop", "stable": {"upstreams": [f"http://127.0.0.1:{upstream_port}"]}}
         ],
@@ -252,38 +186,8 @@ class Reply:
     elapsed: float
 
     @property
-    def head(self) -> bytes:
-        return self.data.split(b"\r\n\r\n", 1)[0]
-
-    @property
     def status(self) -> int | None:
-        parts = self.data.split(b"\r\n", 1)[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            return None
-        return int(parts[1])
-
-    def responses(self) -> list[tuple[int, bytes, bytes]]:
-        """Every complete Content-Length-framed response in the reply, as (status, head, body).
-
-        Anything that does not parse as such a response is left over and fails `assert_single`.
-        """
-        out: list[tuple[int, bytes, bytes]] = []
-        rest = self.data
-        while rest:
-            head_end = rest.find(b"\r\n\r\n")
-            if head_end < 0:
-                break
-            head = rest[:head_end]
-            length = _headers(head).get(b"content-length")
-            if length is None or not length.isdigit():
-                break
-            body_end = head_end + 4 + int(length)
-            status_parts = head.split(b" ", 2)
-            if len(status_parts) < 2 or not status_parts[1].isdigit():
-                break
-            out.append((int(status_parts[1]), head, rest[head_end + 4 : body_end]))
-            rest = rest[body_end:]
-        return out
+        return status_of(self.data)
 
 
 async def converse(
@@ -330,9 +234,6 @@ async def converse(
     return Reply(bytes(got), eof, reset, loop.time() - started)
 
 
-CONTROL = b"GET /control HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
-
-
 async def assert_control(env: Env) -> None:
     reply = await converse(env.port, [CONTROL])
     assert reply.status == 200, f"valid control request failed: {reply.data!r}"
@@ -347,16 +248,7 @@ def assert_proxy_made(reply: Reply, statuses: Collection[int], *, allow_reset: b
     so only a complete response followed by EOF *or* reset can be required there.
     """
     assert reply.data, f"no response at all (eof={reply.eof}, reset={reply.reset})"
-    assert reply.status in statuses, f"expected {sorted(statuses)}, got {reply.data!r}"
-    responses = reply.responses()
-    assert len(responses) == 1, f"expected exactly one response, got {reply.data!r}"
-    status, head, body = responses[0]
-    assert head + b"\r\n\r\n" + body == reply.data, f"trailing bytes: {reply.data!r}"
-    assert len(body) < 200, f"proxy-made body is not short: {body!r}"
-    for marker in TRACEBACK_MARKERS:
-        assert marker not in reply.data, f"traceback-like text in {reply.data!r}"
-    assert b"text/plain" in _headers(head).get(b"content-type", b"")
-    assert _headers(head).get(b"connection", b"").lower() == b"close", reply.data
+    status = check_proxy_made(reply.data, statuses)
     assert reply.eof or (allow_reset and reply.reset), (
         f"connection not closed cleanly after {reply.data!r} "
         f"(eof={reply.eof}, reset={reply.reset}, {reply.elapsed:.2f}s)"
@@ -393,132 +285,7 @@ async def assert_rejected(
 # -- cases ---------------------------------------------------------------------------------
 
 
-def post(*fields: bytes, body: bytes = b"", version: bytes = b"1.1") -> bytes:
-    return b"POST / HTTP/" + version + b"\r\n" + HOST + b"".join(fields) + b"\r\n" + body
-
-
-def get(target: bytes = b"/", *fields: bytes, version: bytes = b"1.1", host: bool = True) -> bytes:
-    return (
-        b"GET "
-        + target
-        + b" HTTP/"
-        + version
-        + b"\r\n"
-        + (HOST if host else b"")
-        + b"".join(fields)
-        + b"\r\n"
-    )
-
-
-CHUNKED = b"Transfer-Encoding: chunked\r\n"
-CL4 = b"Content-Length: 4\r\n"
-LAST = b"0\r\n\r\n"
-BAD_REQUEST = {400}
-BAD_CODING = {400, 501}
-
-
-def case(request: bytes, statuses: Collection[int], case_id: str) -> Any:
-    return pytest.param(request, frozenset(statuses), id=case_id)
-
-
-REJECTED_CASES = [
-    # A1: Content-Length and Transfer-Encoding together, both orders.
-    case(post(CL4, CHUNKED, body=LAST), BAD_REQUEST, "A1-cl-then-te"),
-    case(post(CHUNKED, CL4, body=LAST), BAD_REQUEST, "A1-te-then-cl"),
-    # A2: any coding other than a lone final chunked.
-    case(
-        post(b"Transfer-Encoding: chunked, identity\r\n", body=LAST),
-        BAD_CODING,
-        "A2-chunked-identity",
-    ),
-    case(post(b"Transfer-Encoding: xchunked\r\n", body=LAST), BAD_CODING, "A2-xchunked"),
-    case(post(b"Transfer-Encoding: gzip\r\n", body=LAST), BAD_CODING, "A2-gzip"),
-    case(post(b"Transfer-Encoding: gzip, chunked\r\n", body=LAST), BAD_CODING, "A2-gzip-chunked"),
-    case(post(b"Transfer-Encoding: identity\r\n", body=LAST), BAD_CODING, "A2-identity"),
-    # A3: TE.TE obfuscation.
-    case(post(CHUNKED, CHUNKED, body=LAST), BAD_REQUEST, "A3-duplicate-te"),
-    case(
-        post(CHUNKED, b"Transfer-Encoding: identity\r\n", body=LAST),
-        BAD_CODING,
-        "A3-duplicate-te-chunked-identity",
-    ),
-    case(post(b"Transfer-Encoding : chunked\r\n", body=LAST), BAD_REQUEST, "A3-space-before-colon"),
-    case(
-        post(CL4, b"Transfer-Encoding:\tchunked\r\n", body=LAST), BAD_REQUEST, "A3-tab-before-value"
-    ),
-    case(
-        post(CL4, b"Transfer-Encoding: chunked\t\r\n", body=LAST), BAD_REQUEST, "A3-tab-after-value"
-    ),
-    case(post(b"Transfer-Encoding:\x0bchunked\r\n", body=LAST), BAD_REQUEST, "A3-vt-before-value"),
-    case(post(b"Transfer-Encoding: chunked\x0b\r\n", body=LAST), BAD_REQUEST, "A3-vt-after-value"),
-    case(post(b"Transfer-Encoding\xff: chunked\r\n", body=LAST), BAD_REQUEST, "A3-0xff-in-name"),
-    case(post(b"X: y\r\n\tTransfer-Encoding: chunked\r\n", body=LAST), BAD_REQUEST, "A3-obs-fold"),
-    case(post(b"X: y\r\tTransfer-Encoding: chunked\r\n", body=LAST), BAD_REQUEST, "A3-bare-cr-tab"),
-    # A4: Content-Length that is not exactly one non-negative decimal.
-    case(
-        post(b"Content-Length: 3\r\nContent-Length: 4\r\n", body=b"abcd"),
-        BAD_REQUEST,
-        "A4-differing",
-    ),
-    case(
-        post(b"Content-Length: 3\r\nContent-Length: 3\r\n", body=b"abc"),
-        BAD_REQUEST,
-        "A4-duplicate-same",
-    ),
-    case(post(b"Content-Length: 3, 3\r\n", body=b"abc"), BAD_REQUEST, "A4-list"),
-    case(post(b"Content-Length: +3\r\n", body=b"abc"), BAD_REQUEST, "A4-plus"),
-    case(post(b"Content-Length: -1\r\n", body=b"abc"), BAD_REQUEST, "A4-negative"),
-    case(post(b"Content-Length: 0x10\r\n", body=b"abc"), BAD_REQUEST, "A4-hex"),
-    case(post(b"Content-Length: \r\n", body=b"abc"), BAD_REQUEST, "A4-empty"),
-    case(post(b"Content-Length: 1" + b"0" * 23 + b"\r\n", body=b"abc"), {400, 413}, "A4-huge"),
-    # A5: Transfer-Encoding on HTTP/1.0.
-    case(post(CHUNKED, body=LAST, version=b"1.0"), BAD_REQUEST, "A5-http10-te"),
-    # A11: line endings.
-    case(b"GET / HTTP/1.1\nHost: shop.example\n\n", BAD_REQUEST, "A11-bare-lf"),
-    case(b"GET / HTTP/1.1\r\nHost: shop.example\nX: y\r\n\r\n", BAD_REQUEST, "A11-bare-lf-header"),
-    case(b"GET / HTTP/1.1\rHost: shop.example\r\n\r\n", BAD_REQUEST, "A11-bare-cr"),
-    case(get(b"/", b"X-A: a\r\n b\r\n"), BAD_REQUEST, "A11-obs-fold"),
-    # A12: bad field names and values.
-    case(get(b"/", b"X-A: a\x00b\r\n"), BAD_REQUEST, "A12-nul-in-value"),
-    case(get(b"/", b"X-A: a\rb\r\n"), BAD_REQUEST, "A12-cr-in-value"),
-    case(get(b"/", b"X(A): b\r\n"), BAD_REQUEST, "A12-paren-in-name"),
-    case(get(b"/", b": b\r\n"), BAD_REQUEST, "A12-empty-name"),
-    case(get(b"/", b"NoColonHere\r\n"), BAD_REQUEST, "A12-no-colon"),
-    # B1: Host.
-    case(get(b"/", host=False), BAD_REQUEST, "B1-no-host"),
-    case(get(b"/", b"Host: other.example\r\n"), BAD_REQUEST, "B1-two-hosts"),
-    case(get(b"/", b"Host: shop example\r\n", host=False), BAD_REQUEST, "B1-host-space"),
-    case(get(b"/", b"Host: user@shop.example\r\n", host=False), BAD_REQUEST, "B1-host-userinfo"),
-    case(get(b"/", b"Host: shop.example/admin\r\n", host=False), BAD_REQUEST, "B1-host-path"),
-    case(get(b"/", b"Host: shop\x01example\r\n", host=False), BAD_REQUEST, "B1-host-ctl"),
-    # B2: absolute-form must not turn the proxy into an open proxy.
-    case(get(b"http://evil.example/"), BAD_REQUEST, "B2-absolute-form"),
-    case(
-        get(b"http://evil.example/", b"Host: evil.example\r\n", host=False),
-        BAD_REQUEST,
-        "B2-absolute-form-matching-host",
-    ),
-    # B3: methods refused outright.
-    case(
-        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", {405}, "B3-connect"
-    ),
-    case(b"TRACE / HTTP/1.1\r\n" + HOST + b"\r\n", {405}, "B3-trace"),
-    # B4: versions.
-    case(get(b"/", version=b"2.0"), {505}, "B4-http20"),
-    case(get(b"/", version=b"0.9"), {505}, "B4-http09"),
-    case(get(b"/", version=b"1.2"), {400, 505}, "B4-http12"),
-    # B5-B7: method, fragment, target length.
-    case(b"get / HTTP/1.1\r\n" + HOST + b"\r\n", BAD_REQUEST, "B5-lowercase-method"),
-    case(get(b"/a#x"), BAD_REQUEST, "B6-fragment"),
-    case(get(b"/" + b"a" * (MAX_URL_BYTES + 50)), {414}, "B7-long-target"),
-    # C1: header block too large, too many fields.
-    case(
-        get(b"/", *(b"X-Big-%02d: %s\r\n" % (i, b"v" * 800) for i in range(12))),
-        {431},
-        "C1-header-block",
-    ),
-    case(get(b"/", *(b"X-F%03d: v\r\n" % i for i in range(101))), {431}, "C1-101-fields"),
-]
+END_TO_END = {"A1-cl-then-te", "A3-obs-fold", "A11-bare-lf", "B2-absolute-form", "B3-connect"}
 
 
 async def test_control_request_is_forwarded(env: Env) -> None:
@@ -530,7 +297,9 @@ async def test_control_request_is_forwarded(env: Env) -> None:
     assert env.holder.outcomes.requests[("shop", "stable", 200)] == 1
 
 
-@pytest.mark.parametrize(("request_bytes", "statuses"), REJECTED_CASES)
+@pytest.mark.parametrize(
+    ("request_bytes", "statuses"), [case for case in REJECTED_CASES if case.id in END_TO_END]
+)
 async def test_rejected_before_upstream(
     env: Env, request_bytes: bytes, statuses: frozenset[int]
 ) -> None:
@@ -539,19 +308,8 @@ async def test_rejected_before_upstream(
 
 # -- A6: chunk-size abuse ------------------------------------------------------------------
 
-CHUNK_CASES = [
-    pytest.param(b"0x1\r\nZ\r\n" + LAST, id="A6-0x-prefix"),
-    pytest.param(b"+1\r\nZ\r\n" + LAST, id="A6-plus"),
-    pytest.param(b"1_0\r\n" + b"Z" * 16 + b"\r\n" + LAST, id="A6-underscore"),
-    pytest.param(b"0_2e\r\n" + b"Z" * 46 + b"\r\n" + LAST, id="A6-0_2e"),
-    pytest.param(b"1\nZ\r\n" + LAST, id="A6-bare-lf-after-size"),
-    pytest.param(b"1;a\nb\r\nZ\r\n" + LAST, id="A6-lf-in-chunk-ext"),
-    pytest.param(b"ffffffffffffffffff\r\nZ\r\n" + LAST, id="A6-overflow"),
-    pytest.param(b"1\r\nZZ\r\n" + LAST, id="A6-size-data-mismatch"),
-]
 
-
-@pytest.mark.parametrize("body", CHUNK_CASES)
+@pytest.mark.parametrize("body", [case for case in CHUNK_CASES if case.id == "A6-overflow"])
 @pytest.mark.parametrize("late", [False, True], ids=["with-head", "after-upstream-connected"])
 async def test_invalid_chunk_size(env: Env, body: bytes, late: bool) -> None:
     """The head is routed (and may be forwarded) before the bad chunk shows up."""
@@ -574,53 +332,12 @@ async def test_invalid_chunk_size(env: Env, body: bytes, late: bool) -> None:
 
 # -- A7: pipelined smuggling ---------------------------------------------------------------
 
-SMUGGLED = b"GET /admin HTTP/1.1\r\n" + HOST + b"\r\n"
-SMUGGLING_CASES = [
-    pytest.param(
-        post(
-            b"Content-Length: %d\r\n" % (len(LAST) + len(SMUGGLED)), CHUNKED, body=LAST + SMUGGLED
-        ),
-        id="A7-cl-te",
-    ),
-    pytest.param(
-        post(
-            CHUNKED,
-            b"Content-Length: 4\r\n",
-            body=b"%x\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n" + LAST,
-        ),
-        id="A7-te-cl",
-    ),
-    pytest.param(
-        post(b"Transfer-Encoding: xchunked\r\n", b"Content-Length: 5\r\n", body=LAST + SMUGGLED),
-        id="A7-xchunked-cl",
-    ),
-]
 
-
-@pytest.mark.parametrize("payload", SMUGGLING_CASES)
+@pytest.mark.parametrize("payload", [case for case in SMUGGLING_CASES if case.id == "A7-cl-te"])
 async def test_pipelined_smuggling(env: Env, payload: bytes) -> None:
     reply = await assert_rejected(env, payload, BAD_CODING)
     assert reply.data.count(b"HTTP/1.1 ") == 1
     assert b"/admin" not in env.upstream.data
-
-
-# -- A13: underscores ----------------------------------------------------------------------
-
-
-async def test_underscore_header_not_forwarded(env: Env) -> None:
-    request = get(
-        b"/u",
-        b"X_Secret: 1\r\nx_forwarded_for: 6.6.6.6\r\nX-Fine: ok\r\n",
-        b"Connection: close\r\n",
-    )
-    reply = await converse(env.port, [request])
-    assert reply.status == 200, reply.data
-    upstream = env.upstream.data
-    assert upstream.startswith(b"GET /u HTTP/1.1\r\n"), upstream
-    assert b"X-Fine: ok" in upstream
-    assert b"x_secret" not in upstream.lower()
-    assert b"x_forwarded_for" not in upstream.lower()
-    assert b"6.6.6.6" not in upstream
 
 
 # -- C1: a huge header dribbled in small segments ------------------------------------------
@@ -638,14 +355,7 @@ async def test_header_value_in_small_segments(env: Env) -> None:
     await assert_control(env)
 
 
-# -- C2/C3: body size ----------------------------------------------------------------------
-
-
-async def test_declared_body_too_large_refused_before_continue(env: Env) -> None:
-    request = post(b"Content-Length: %d\r\n" % (MAX_BODY_BYTES + 1), b"Expect: 100-continue\r\n")
-    reply = await assert_rejected(env, request, {413})
-    assert not reply.data.startswith(b"HTTP/1.1 100"), reply.data
-    assert b" 100 " not in reply.data
+# -- C3: body size ----------------------------------------------------------------------
 
 
 async def test_chunked_body_growing_past_limit(env: Env) -> None:
@@ -671,7 +381,7 @@ async def test_chunked_body_growing_past_limit(env: Env) -> None:
     await assert_control(env)
 
 
-# -- D1/D2: slow clients -------------------------------------------------------------------
+# -- D1: slow clients -------------------------------------------------------------------
 
 
 async def test_silent_client_closed_at_header_deadline(env: Env) -> None:
@@ -682,82 +392,3 @@ async def test_silent_client_closed_at_header_deadline(env: Env) -> None:
     if reply.data:
         assert_proxy_made(reply, {408})
     await assert_upstream_untouched(env)
-
-
-async def test_dribbled_head_gets_408_at_header_deadline(env: Env) -> None:
-    stream = b"GET / HTTP/1.1\r\n" + HOST + b"X-Slow: " + b"s" * 40 + b"\r\n\r\n"
-    segments = [stream[i : i + 1] for i in range(len(stream))]
-    reply = await converse(env.port, segments, delay=0.1)
-    status = assert_proxy_made(reply, {408}, allow_reset=True)
-    # The whole dribble would take ~9 s: a reply well before that is the header deadline
-    # holding regardless of progress (bound kept generous for shared CI machines).
-    assert reply.elapsed <= CLIENT_HEADER_SECONDS + 3, reply.elapsed
-    await assert_upstream_untouched(env)
-    assert env.holder.outcomes.rejected[status] >= 1
-
-
-# -- fuzzing -------------------------------------------------------------------------------
-
-FUZZ_BASE = (
-    b"POST /fuzz?q=1 HTTP/1.1\r\n"
-    + HOST
-    + b"Content-Length: 5\r\nX-A: b\r\nConnection: close\r\n\r\nhello"
-)
-
-
-@st.composite
-def mutated_requests(draw: st.DrawFn) -> bytes:
-    data = bytearray(FUZZ_BASE)
-    for _ in range(draw(st.integers(0, 4))):
-        position = draw(st.integers(0, len(data)))
-        kind = draw(st.sampled_from(["replace", "insert", "delete"]))
-        byte = draw(st.one_of(st.sampled_from(b"\r\n\t \x00\x0b:;,#_%\xff0"), st.integers(0, 255)))
-        if kind == "insert":
-            data.insert(position, byte)
-        elif position < len(data):
-            if kind == "replace":
-                data[position] = byte
-            else:
-                del data[position]
-    if draw(st.integers(0, 9)) == 0:
-        del data[draw(st.integers(0, len(data))) :]  # incomplete: must time out, not hang
-    return bytes(data) + draw(st.binary(max_size=64))
-
-
-@st.composite
-def segmented(draw: st.DrawFn, stream: bytes) -> list[bytes]:
-    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=3)))
-    bounds = [0, *cuts, len(stream)]
-    return [stream[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-
-
-@pytest.fixture
-async def fast_env() -> AsyncIterator[Env]:
-    timeouts = {
-        "client_header": "200ms",
-        "idle": "300ms",
-        "response_header": "500ms",
-        "connect": "500ms",
-    }
-    async with running_proxy(timeouts) as environment:
-        yield environment
-
-
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(data=st.data())
-async def test_fuzzed_requests_never_crash_or_hang(fast_env: Env, data: st.DataObject) -> None:
-    request_bytes = data.draw(mutated_requests(), label="request")
-    segments = data.draw(segmented(request_bytes), label="segments")
-    reply = await converse(fast_env.port, segments, delay=0.002, read_seconds=2.0)
-    assert reply.eof or reply.reset, f"hung on {request_bytes!r}: {reply.data!r}"
-    for marker in TRACEBACK_MARKERS:
-        assert marker not in reply.data, f"{request_bytes!r} -> {reply.data!r}"
-    if reply.data:
-        assert reply.status is not None, f"{request_bytes!r} -> {reply.data!r}"
-    assert reply.status != 500, f"{request_bytes!r} -> {reply.data!r}"
-    fast_env.assert_no_internal_errors()
-    await assert_control(fast_env)
