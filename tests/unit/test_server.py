@@ -14,7 +14,7 @@ import logging
 from collections.abc import Collection, Iterator, Sequence
 
 import pytest
-from harness import Client, Proxy, chunked_payload, one_route_config, status_of
+from harness import Client, Proxy, chunked_payload, one_route_config, responses, status_of
 from hostile import (
     BAD_CODING,
     BAD_REQUEST,
@@ -259,3 +259,72 @@ def test_fuzzed_requests_never_crash_or_hang(
     assert status != 500, f"{request_bytes!r} -> {client.received!r}"
     no_internal_errors(proxy, caplog)
     assert_control(proxy)
+
+
+# -- pipelining and limits on one connection -----------------------------------------------
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nhello",
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_upgrade_request_with_a_body_is_refused_and_poisons_no_pooled_connection(
+    proxy: Proxy, framing: bytes
+) -> None:
+    refused = proxy.converse(
+        b"POST /ws HTTP/1.1\r\nHost: shop.example.com\r\nConnection: upgrade\r\nUpgrade: foo\r\n"
+        + framing
+    )
+    victim = proxy.converse(get(b"/victim", b"Connection: close\r\n"))
+
+    assert_proxy_made(refused, BAD_REQUEST)
+    (peer,) = proxy.upstream.peers
+    assert peer.received.startswith(b"GET /victim ")  # the upgrade never reached the upstream
+    assert peer.received.count(b" HTTP/1.1\r\n") == 1
+    [(status, _, body)], _ = responses(victim.received)
+    assert (status, body) == (200, b"ok\n")
+
+
+def test_a_pipelined_oversized_chunked_body_is_refused_only_after_the_previous_response() -> None:
+    proxy = Proxy(one_route_config(limits={"max_body_bytes": 10}))
+    proxy.upstream.answer = None
+    client = proxy.connect()
+    client.send(
+        get(b"/first")
+        + b"POST /second HTTP/1.1\r\nHost: shop.example.com\r\n"
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"4\r\nabcd\r\n" * 5
+        + b"0\r\n\r\n"
+    )
+    assert client.received == b"", "the 413 went out before the response it follows"
+    (peer,) = proxy.upstream.peers
+    peer.send(ok(b"stable /first"))
+
+    [first, refused], rest = responses(client.received)
+    assert (first[0], first[2]) == (200, b"stable /first")
+    assert refused[0] == 413
+    assert rest == b""
+    assert client.ended
+    assert peer.received.startswith(b"GET /first ")
+    assert peer.received.count(b" HTTP/1.1\r\n") == 1  # /second never reached the upstream
+    assert proxy.holder.outcomes.rejected == {413: 1}
+
+
+def test_a_chunked_body_growing_past_the_limit_in_many_chunks_is_counted_once() -> None:
+    proxy = Proxy(one_route_config(limits={"max_body_bytes": 10}))
+    client = proxy.converse(
+        b"POST /upload HTTP/1.1\r\nHost: shop.example.com\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"4\r\nabcd\r\n" * 8 + b"0\r\n\r\n"
+    )
+    assert assert_proxy_made(client, {413}) == 413
+    outcomes = proxy.holder.outcomes
+    assert outcomes.requests == {("shop", "stable", 413): 1}
+    assert outcomes.rejected == {413: 1}
