@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar, TypeVarTuple, cast
 from proxy.control.holder import RuntimeHolder
 from proxy.core.config import parse_config
 from proxy.dataplane.server import ClientConnection, Server
-from proxy.dataplane.upstream import Instance, UpstreamConnection
+from proxy.dataplane.upstream import UpstreamConnection
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -210,6 +210,7 @@ class FakeLoop:
     def run_until_idle(self) -> None:
         """Run every ready callback, and those they schedule, until none is left; a callback
         that raised fails the test here (a real loop would only log it)."""
+        outer = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self.as_loop)
         try:
             while self._ready:
@@ -217,7 +218,7 @@ class FakeLoop:
                 if not handle.cancelled():
                     handle._run()
         finally:
-            asyncio.events._set_running_loop(None)
+            asyncio.events._set_running_loop(outer)
         assert not self.errors, f"event loop errors: {self.errors!r}"
 
     def advance_to(self, when: float) -> None:
@@ -479,7 +480,3 @@ class Proxy:
             self.loop.advance_to(min(end, self.loop.now + SWEEP_SECONDS))
             self.server.sweep(self.loop.now)
             self.loop.run_until_idle()
-
-    def instance(self) -> Instance:
-        (instance,) = self.holder.instances.values()
-        return instance
