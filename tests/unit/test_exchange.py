@@ -1,6 +1,6 @@
 """The exchange (`proxy.dataplane.exchange`) on the transport-free harness: a response it cannot
-pass on honestly becomes a 502, and a reply of its own to a request whose body it will not read
-closes the connection."""
+pass on honestly becomes a 502, one cut short reaches the client cut short, and a reply of its
+own to a request whose body it will not read closes the connection."""
 
 from __future__ import annotations
 
@@ -39,6 +39,34 @@ def test_a_response_transfer_coding_other_than_chunked_is_a_502(answer: bytes) -
     assert ZIPPED not in client.received
     assert client.ended
     assert proxy.holder.outcomes.upstream_errors == {("shop", "stable", "protocol"): 1}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_upstream_dying_mid_body_gives_the_client_an_incomplete_response(
+    answer: bytes,
+) -> None:
+    proxy = Proxy(one_route_config())
+    proxy.upstream.answer = None
+    client = proxy.converse(b"GET /item HTTP/1.1\r\nHost: shop.example.com\r\n\r\n")
+    (peer,) = proxy.upstream.peers
+    peer.send(answer)
+    peer.hang_up()
+
+    head, _, body = client.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    if b"content-length: 100000" in head.lower():
+        assert len(body) < 100_000
+    else:
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert not body.endswith(b"0\r\n\r\n")  # no last-chunk: the message is incomplete
+    assert client.reset, "the client was not told the response is incomplete"
 
 
 def test_a_local_404_for_a_request_with_an_unread_body_says_connection_close() -> None:
