@@ -409,20 +409,17 @@ class UpstreamPeer:
 
 
 class FakeUpstream:
-    """Where `create_connection` lands: records every connection, or refuses it. Each new
-    connection answers with `answer` (None: the test answers by hand)."""
+    """Where `create_connection` lands: records every connection. Each new connection answers
+    with `answer` (None: the test answers by hand)."""
 
     def __init__(self, loop: FakeLoop) -> None:
         self.loop = loop
         self.peers: list[UpstreamPeer] = []
         self.answer: bytes | None = UPSTREAM_OK
-        self.refuse = False
 
     def accept(
         self, protocol: asyncio.BaseProtocol, host: str, port: int
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-        if self.refuse:
-            raise ConnectionRefusedError(f"{host}:{port} refused")
         assert isinstance(protocol, UpstreamConnection)
         peer = UpstreamPeer(self.loop, protocol, (host, port))
         peer.answer = self.answer
