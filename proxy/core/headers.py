@@ -1,4 +1,5 @@
-"""Pure header rules: hop-by-hop stripping, X-Forwarded-*, and the heads the proxy writes.
+"""Pure header vocabulary: the hop-by-hop and regenerated fields, what Connection nominates, and
+the heads the proxy writes itself (framing.py holds the framing rules).
 
 Everything works on raw bytes as the llhttp parser delivers them, so the data plane never decodes
 or re-encodes a header it merely forwards.
@@ -6,7 +7,6 @@ or re-encodes a header it merely forwards.
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 # RFC 9110 §7.6.1: a proxy MUST remove Connection and the fields it nominates, and SHOULD
@@ -44,14 +44,6 @@ RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 # fields; the upstream needs Host, RFC 9112 §3.2).
 _CONNECTION_OPTIONS: Final = frozenset({b"keep-alive", b"close", b"upgrade", b"host"})
 
-VIA: Final = b"Via: 1.1 canary-proxy\r\n"
-
-# RFC 3986 §3.2.2 reg-name / IPv4 / IP-literal, optional port. Anything else in Host is a 400
-# (RFC 9112 §3.2), so a Host can never smuggle a path, userinfo or whitespace into routing.
-_VALID_HOST: Final = re.compile(
-    rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?"
-)
-
 STATUS_REASONS: Final = {
     100: b"Continue",
     101: b"Switching Protocols",
@@ -73,10 +65,6 @@ STATUS_REASONS: Final = {
 }
 
 
-def is_valid_host(value: bytes) -> bool:
-    return _VALID_HOST.fullmatch(value) is not None
-
-
 def nominated_fields(values: list[bytes]) -> frozenset[bytes]:
     """Lower-cased field names that `Connection` values nominate for removal (RFC 9110 §7.6.1).
 
@@ -89,11 +77,6 @@ def nominated_fields(values: list[bytes]) -> frozenset[bytes]:
             if token and token not in _CONNECTION_OPTIONS:
                 tokens.add(token)
     return frozenset(tokens)
-
-
-def forwarded_for(previous: bytes | None, client_ip: bytes) -> bytes:
-    """X-Forwarded-For with the peer appended, as nginx's `$proxy_add_x_forwarded_for`."""
-    return previous + b", " + client_ip if previous else client_ip
 
 
 def plain_response(status: int, message: bytes, *, close: bool) -> bytes:

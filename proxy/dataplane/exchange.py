@@ -16,6 +16,14 @@ from typing import Final
 
 from mypy_extensions import trait
 
+from proxy.core.framing import (
+    CLOSE_DELIMITED,
+    RECHUNK,
+    REFUSE,
+    SEND_LENGTH,
+    UNTIL_CLOSE,
+    response_framing,
+)
 from proxy.core.headers import RESPONSE_DROP, nominated_fields, plain_response, status_line
 from proxy.core.vocabulary import CANARY, STABLE
 from proxy.core.window import Evidence
@@ -355,22 +363,21 @@ class Exchange:
 
     def _response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         lines, content_length, coding = _response_lines(status, headers)
-        chunked = coding is not None
-        if chunked and coding != b"chunked":
+        framing = response_framing(
+            status, content_length, coding, head_request=self.method == b"HEAD", http11=self.http11
+        )
+        if framing == REFUSE:
             return None
-        no_body = self.method == b"HEAD" or status == 304
-        if status == 204:
-            pass  # RFC 9110 §8.6: no Content-Length in a 204
-        elif content_length is not None and (no_body or not chunked):
+        if framing & SEND_LENGTH:
+            assert content_length is not None
             lines.append(b"Content-Length: " + content_length + _CRLF)
-        elif not no_body:
-            if not chunked and self.upstream is not None:
-                self.upstream.until_close = True
-            if self.http11:
-                self.response_chunked = True
-                lines.append(_CHUNKED)
-            else:
-                self.keep_alive = False  # close-delimited for an HTTP/1.0 client
+        if framing & UNTIL_CLOSE and self.upstream is not None:
+            self.upstream.until_close = True
+        if framing & RECHUNK:
+            self.response_chunked = True
+            lines.append(_CHUNKED)
+        elif framing & CLOSE_DELIMITED:
+            self.keep_alive = False  # close-delimited for an HTTP/1.0 client
         if self.upgrade or not self.request_done or self.plane.draining:
             # A refused upgrade leaves the request stream unusable; an early answer means we
             # will not read the rest of the request body.

@@ -1,13 +1,9 @@
-"""Header rules: what a Connection header nominates, X-Forwarded-For, Host syntax, our replies."""
+"""Header rules: what a Connection header nominates, and our replies."""
 
 from __future__ import annotations
 
-import pytest
-
 from proxy.core.headers import (
     HOP_BY_HOP,
-    forwarded_for,
-    is_valid_host,
     nominated_fields,
     plain_response,
     status_line,
@@ -31,28 +27,6 @@ def test_every_rfc_9110_hop_by_hop_field_is_listed() -> None:
         assert name in HOP_BY_HOP
     assert b"upgrade" in HOP_BY_HOP
     assert b"proxy-authorization" in HOP_BY_HOP
-
-
-def test_forwarded_for_appends_the_peer_to_what_the_client_sent() -> None:
-    assert forwarded_for(b"6.6.6.6", b"127.0.0.1") == b"6.6.6.6, 127.0.0.1"
-
-
-def test_forwarded_for_starts_with_the_peer_when_the_client_sent_none() -> None:
-    assert forwarded_for(None, b"::1") == b"::1"
-
-
-@pytest.mark.parametrize(
-    "host", [b"shop.example.com", b"shop.example.com:8080", b"127.0.0.1", b"[::1]:80", b""]
-)
-def test_well_formed_hosts_are_accepted(host: bytes) -> None:
-    assert is_valid_host(host)
-
-
-@pytest.mark.parametrize(
-    "host", [b"a b", b"user@host", b"a/b", b"host:port", b"[zz::1]", b"a\tb", b"a?b"]
-)
-def test_hosts_that_could_smuggle_a_path_or_userinfo_are_rejected(host: bytes) -> None:
-    assert not is_valid_host(host)
 
 
 def test_proxy_replies_are_short_plain_text_with_exact_length() -> None:
