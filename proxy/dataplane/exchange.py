@@ -108,6 +108,7 @@ class Exchange:
 
     __slots__ = (
         "body_bytes",
+        "body_framed",
         "client",
         "client_gone",
         "connect_task",
@@ -194,6 +195,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None
+        self.body_framed = False  # a chunked body's first chunk line has been parsed
         self.request_done = False
         self.body_bytes = 0
         self.response_started = False
@@ -217,6 +219,11 @@ class Exchange:
             return
         if self.send_continue and not self.request_done:
             self.client.write(_CONTINUE)
+        if self.request_chunked and not self.body_framed:
+            return  # the client connection calls start_upstream once the first chunk line is in
+        self.start_upstream()
+
+    def start_upstream(self) -> None:
         instance = self.instance
         assert instance is not None
         upstream = instance.take_idle()

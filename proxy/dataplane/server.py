@@ -92,6 +92,9 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         self.deadline = 0.0
         self.deadline_kind = DEADLINE_NONE
         self.tunnel: Exchange | None = None
+        # A chunked request whose first chunk line this read completed: its upstream side
+        # starts once the whole read has parsed cleanly (see on_chunk_header).
+        self.framed: Exchange | None = None
         self.pending_reject: Reject | None = None
         self.closed = False
         self.lingering = False
@@ -263,6 +266,11 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         except Exception as error:  # a bug of ours must not leave the connection wedged
             self._internal_error(error)
             return
+        framed = self.framed
+        if framed is not None:
+            self.framed = None
+            if framed is self.active and not framed.response_done:
+                framed.start_upstream()
         if self.in_head and self.head_bytes > self._head_limit():
             self.reject(Reject(431, b"Request Header Fields Too Large"))
 
@@ -283,6 +291,7 @@ class ClientConnection(asyncio.Protocol, ClientSide):
     def reject(self, rejection: Reject) -> None:
         """Answer a request we will not forward, then close: framing can't be trusted."""
         self.in_head = False
+        self.framed = None
         parsing = self.parsing
         self.parsing = None
         if parsing is not None and not parsing.request_done:
@@ -342,6 +351,18 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         else:
             self._clear_deadline()
         exchange.start()
+
+    def on_chunk_header(self) -> None:
+        """A chunk-size line parsed. Until the first one has, a chunked request's head is not
+        sent: a body bad from its first line must not cost a pooled upstream connection a
+        head it will never see the end of (RFC 9112 §7.1). The head goes out once the read
+        that completed that line has parsed cleanly, so a small body read with its head is
+        checked whole first."""
+        parsing = self.parsing
+        if parsing is not None and not parsing.body_framed:
+            parsing.body_framed = True
+            if parsing is self.active:
+                self.framed = parsing
 
     def on_body(self, body: bytes) -> None:
         parsing = self.parsing
