@@ -55,9 +55,11 @@ _KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
 @trait
 class ClientSide:
     """What an exchange needs of the client-side protocol that drives it: its loop, writing
-    (corked into one write per upstream read), flow control by reasons, closing, the switch
-    to a tunnel, and being told that the exchange is over. The protocol feeds the exchange
-    the request body (`request_body`, `request_complete`) and a lost client (`client_lost`).
+    (corked into one write per upstream read, and what is still held taken back), flow
+    control by reasons, closing, the switch to a tunnel, and being told that the exchange is
+    over. The protocol feeds the exchange the request body (`request_body`,
+    `request_complete`), a lost client (`client_lost`), and for a chunked body the go-ahead
+    for its upstream side once the first chunk line is in (`body_framed`, `start_upstream`).
 
     A mypyc trait rather than a typing.Protocol: compiled, a call through it is a native
     vtable call; through a Protocol every write was a Python method call (about 2.5 % more
@@ -73,6 +75,12 @@ class ClientSide:
         raise NotImplementedError
 
     def uncork(self) -> None:
+        raise NotImplementedError
+
+    def held_mark(self) -> int:
+        raise NotImplementedError
+
+    def drop_held(self, mark: int) -> bool:
         raise NotImplementedError
 
     def pause(self, reason: int) -> None:
@@ -114,6 +122,7 @@ class Exchange:
         "connect_task",
         "expect_body",
         "head",
+        "head_at",
         "http11",
         "instance",
         "keep_alive",
@@ -201,6 +210,9 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.response_chunked = False
+        # Where this response's head sits in the client's held output while the upstream read
+        # that carried it is being parsed (-1 once it may have left): see upstream_failed.
+        self.head_at = -1
         self.response_deadline = 0.0
         self.retried = False
         self.reused = False
@@ -282,7 +294,11 @@ class Exchange:
     def _attach(self, upstream: UpstreamConnection, *, reused: bool) -> None:
         self.upstream = upstream
         self.reused = reused
-        upstream.bind(self, no_body=self.method == b"HEAD")
+        upstream.bind(
+            self,
+            no_body=self.method == b"HEAD",
+            head_limit=self.runtime.config.limits.max_response_header_bytes,
+        )
         upstream.write(self.head)
         pending = self.pending
         if pending:
@@ -350,6 +366,7 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
+        self.head_at = self.client.held_mark()
         self.client.write(head)
 
     def _interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -429,6 +446,7 @@ class Exchange:
         self.client.cork()
 
     def batch_end(self) -> None:
+        self.head_at = -1
         self.client.uncork()
 
     def upstream_tunnel_data(self, data: bytes) -> None:
@@ -445,6 +463,12 @@ class Exchange:
         if self.status == 101:
             self.client.close()  # tunnel closed by the upstream
             return
+        if self.response_started and self.head_at >= 0 and self.client.drop_held(self.head_at):
+            # Nothing of the response has left (its head is still held with the read that
+            # carried it, e.g. a malformed chunked body right behind it): a 502 can still go.
+            self.head_at = -1
+            self.response_started = False
+            self.response_chunked = False
         if self._may_retry(kind, got_response):
             self.retried = True
             self.response_deadline = 0.0

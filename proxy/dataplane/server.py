@@ -171,6 +171,19 @@ class ClientConnection(asyncio.Protocol, ClientSide):
             assert self.transport is not None
             self.transport.writelines(corked)
 
+    def held_mark(self) -> int:
+        """Where the next write lands in the held (corked) output; -1 if writes go out now."""
+        corked = self.corked
+        return -1 if corked is None else len(corked)
+
+    def drop_held(self, mark: int) -> bool:
+        """Take back the held writes from `mark` on; whether they were all still held."""
+        corked = self.corked
+        if corked is None or mark < 0 or mark > len(corked):
+            return False
+        del corked[mark:]
+        return True
+
     def close(self) -> None:
         self.uncork()
         if not self.closed:

@@ -13,6 +13,7 @@ from typing import Final, Protocol, cast
 import httptools
 
 from proxy.core.config import Upstream
+from proxy.core.framing import MAX_HEADER_FIELDS
 
 log = logging.getLogger("canary_proxy")
 
@@ -44,6 +45,11 @@ class _HeadResponseDone(Exception):
     llhttp (through httptools) cannot be told that a response answers a HEAD request, so it
     would wait for a body that never comes; we stop parsing ourselves (RFC 9112 §6.3 rule 1).
     """
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: the response head is over `max_response_header_bytes`
+    or MAX_HEADER_FIELDS (nginx: "upstream sent too big header", a 502)."""
 
 
 class Instance:
@@ -131,8 +137,12 @@ class UpstreamConnection(asyncio.Protocol):
         "exchange",
         "expect_no_body",
         "got_response",
+        "head_bytes",
+        "head_limit",
         "idle_since",
+        "in_head",
         "instance",
+        "raw_head_bytes",
         "reads",
         "release",
         "stray",
@@ -157,6 +167,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_response = False
         self.until_close = False
         self.idle_since = 0.0
+        # The response head being parsed: its fields and status text as llhttp reports them,
+        # and the raw bytes read while it is incomplete (llhttp buffers a partial field).
+        self.in_head = False
+        self.head_bytes = 0
+        self.raw_head_bytes = 0
+        self.head_limit = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -178,9 +194,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         exchange.upstream_failed("reset", self.got_response)
 
-    def bind(self, exchange: ResponseListener, *, no_body: bool) -> None:
+    def bind(self, exchange: ResponseListener, *, no_body: bool, head_limit: int) -> None:
         self.exchange = exchange
         self.expect_no_body = no_body
+        self.head_limit = head_limit
+        self.raw_head_bytes = 0
         self.got_response = False
         self.until_close = False
         self.release = None
@@ -237,6 +255,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.batch_begin()
         try:
             self._parser.feed_data(data)
+            if self.in_head:  # a head still incomplete after this read
+                self.raw_head_bytes += len(data)
+                if self.raw_head_bytes > self.head_limit:
+                    self._fail("protocol")
         except httptools.HttpParserUpgrade as upgrade:
             self._tunnel = True
             if self.exchange is not None:
@@ -244,6 +266,14 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, _HeadResponseDone):
                 self._finish_head_response(data)
+            elif isinstance(error.__context__, _HeadTooLarge):
+                log.warning(
+                    "upstream %s sent a response head over %d bytes or %d fields",
+                    self.instance.url,
+                    self.head_limit,
+                    MAX_HEADER_FIELDS,
+                )
+                self._fail("protocol")
             else:
                 log.error("internal error on an upstream response", exc_info=error.__context__)
                 self._fail("protocol")
@@ -273,11 +303,24 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.release is not None:
             self.stray = True  # a second message in a read meant for one: never pool this
+        self.in_head = True
+        self.head_bytes = 0
+
+    def on_status(self, status: bytes) -> None:
+        self.head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self.in_head:
+            return  # a trailer field (llhttp reports them here too): not forwarded
+        headers = self._headers
+        headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.head_limit or len(headers) > MAX_HEADER_FIELDS:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.raw_head_bytes = 0
         headers = self._headers
         self._headers = []
         status = self._parser.get_status_code()

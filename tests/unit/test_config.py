@@ -113,8 +113,9 @@ def test_the_example_file_writes_every_field_the_parser_knows() -> None:
     for name in (
         "listen:", "workers:", "admin:", "token_env:", "token_file", "state_dir:", "timeouts:",
         "connect:", "response_header:", "idle:", "client_header:", "shutdown:", "limits:",
-        "max_header_bytes:", "max_url_bytes:", "max_body_bytes:", "routes:", "name:", "match:",
-        "host:", "path_prefix:", "stable:", "canary:", "upstreams:", "revision:", "split:",
+        "max_header_bytes:", "max_url_bytes:", "max_body_bytes:", "max_response_header_bytes:",
+        "routes:", "name:", "match:", "host:", "path_prefix:", "stable:", "canary:", "upstreams:",
+        "revision:", "split:",
         "weight:", "salt:", "sticky:", "force:", "rollout:", "steps:", "interval:", "guard:",
         "window:", "min_requests:", "max_error_rate:", "max_error_rate_increase:",
         "max_p99_latency:", "action:",
@@ -601,10 +602,18 @@ def test_weight_above_100_is_rejected_with_its_path() -> None:
 
 def test_every_limit_can_be_set() -> None:
     data = minimal()
-    data["limits"] = {"max_header_bytes": 256, "max_url_bytes": 1024, "max_body_bytes": 10**9}
+    data["limits"] = {
+        "max_header_bytes": 256,
+        "max_url_bytes": 1024,
+        "max_body_bytes": 10**9,
+        "max_response_header_bytes": 4096,
+    }
 
     assert parse(data).limits == Limits(
-        max_header_bytes=256, max_url_bytes=1024, max_body_bytes=10**9
+        max_header_bytes=256,
+        max_url_bytes=1024,
+        max_body_bytes=10**9,
+        max_response_header_bytes=4096,
     )
 
 
@@ -613,6 +622,10 @@ def test_every_limit_can_be_set() -> None:
     [
         ({"max_header_bytes": 255}, [("limits.max_header_bytes", "must be at least 256")]),
         ({"max_url_bytes": 0}, [("limits.max_url_bytes", "must be at least 256")]),
+        (
+            {"max_response_header_bytes": 255},
+            [("limits.max_response_header_bytes", "must be at least 256")],
+        ),
         ({"max_body_bytes": -1}, [("limits.max_body_bytes", "must not be negative")]),
         ({"max_body_bytes": 1.5}, [("limits.max_body_bytes", "must be an integer")]),
         ({"max_body_bytes": "1MB"}, [("limits.max_body_bytes", "must be an integer")]),

@@ -112,6 +112,7 @@ def full() -> dict[str, Any]:
             "max_url_bytes": 8192,
             "max_body_bytes": 0,
             "max_connections": 10000,
+            "max_response_header_bytes": 65536,
         },
         "routes": [
             {
@@ -492,7 +493,8 @@ def test_the_schema_states_the_parsers_defaults() -> None:
         "listen", "workers", "state_dir", "admin.listen", "admin.token_env", "timeouts.connect",
         "timeouts.response_header", "timeouts.idle", "timeouts.client_header",
         "timeouts.shutdown", "limits.max_header_bytes", "limits.max_url_bytes",
-        "limits.max_body_bytes", "limits.max_connections", "routes[0].match.path_prefix",
+        "limits.max_body_bytes", "limits.max_connections", "limits.max_response_header_bytes",
+        "routes[0].match.path_prefix",
         "routes[0].split.weight",
         "routes[0].guard.window", "routes[0].guard.min_requests",
         "routes[0].guard.max_error_rate", "routes[0].guard.action",

@@ -126,6 +126,7 @@ class Limits:
     max_url_bytes: int = 8_192
     max_body_bytes: int = 0  # 0 = unlimited (streamed)
     max_connections: int = 10_000  # open client connections; past it a new one gets 503
+    max_response_header_bytes: int = 65_536  # a larger upstream response head is a 502
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -174,6 +174,14 @@ LIMITS_SECTION: Final = SectionSpec(
             description="Open client connections (nginx worker_connections, HAProxy maxconn); "
             "past it a new connection is answered 503 and closed.",
         ),
+        FieldSpec(
+            name="max_response_header_bytes",
+            kind="integer",
+            minimum=256,
+            default=LIMITS.max_response_header_bytes,
+            description="A larger upstream response head (or one of more than 100 fields) "
+            "gets 502 and counts as a protocol error (at least 256).",
+        ),
     ),
 )
 MATCH_SECTION: Final = SectionSpec(
