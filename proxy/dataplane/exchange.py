@@ -617,12 +617,24 @@ class Exchange:
         self.client.exchange_finished(self)
 
 
+# Status lines by status (llhttp reports three digits: at most 900 entries), so that a response
+# costs a dict lookup rather than a call into the interpreted core.
+_STATUS_LINES: Final[dict[int, bytes]] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = status_line(status, b"")
+    return line
+
+
 def _response_lines(
     status: int, headers: list[tuple[bytes, bytes]]
 ) -> tuple[list[bytes], bytes | None, bytes | None]:
     """Status line plus end-to-end fields; also the upstream's Content-Length and its
     transfer coding (lower-cased), which the caller re-frames."""
-    lines = [status_line(status, b"")]
+    lines = [_status_line(status)]
     content_length: bytes | None = None
     coding: bytes | None = None
     connection: list[bytes] | None = None

@@ -450,18 +450,19 @@ class ClientConnection(asyncio.Protocol, ClientSide):
 
         version = parser.get_http_version()
         method = parser.get_method()
-        tunnel = parser.should_upgrade()
+        # Without an Upgrade field llhttp only tunnels CONNECT, which is refused anyway.
+        tunnel = upgrade is not None and parser.should_upgrade()
         rejection = check_request_head(
             version,
             method,
             url,
-            host=host,
-            hosts=hosts,
-            transfer_encoding=te,
-            content_length=content_length,
-            upgrade=tunnel,
-            max_body=runtime.config.limits.max_body_bytes,
-            suspects=suspects,
+            host,
+            hosts,
+            te,
+            content_length,
+            tunnel,
+            runtime.config.limits.max_body_bytes,
+            suspects,
         )
         if rejection is not None:
             raise Reject(*rejection)
@@ -516,7 +517,7 @@ class ClientConnection(asyncio.Protocol, ClientSide):
                 local=(503, b"Service Unavailable"),
             )
 
-        upgrading = upgrade is not None and tunnel
+        upgrading = tunnel  # an Upgrade field llhttp will tunnel after
         return Exchange(
             self,
             self.plane,
@@ -529,14 +530,14 @@ class ClientConnection(asyncio.Protocol, ClientSide):
                 method,
                 url,
                 lines,
-                connection=connection,
-                xff=xff,
-                peer=self.peer,
-                host=host,
-                authority=instance.authority,
-                chunked=chunked,
-                content_length=content_length,
-                upgrade=upgrade if upgrading else None,
+                connection,
+                xff,
+                self.peer,
+                host,
+                instance.authority,
+                chunked,
+                content_length,
+                upgrade if upgrading else None,
             ),
             request_chunked=chunked,
             expect_body=expect_body,

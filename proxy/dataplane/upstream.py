@@ -167,8 +167,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_response = False
         self.until_close = False
         self.idle_since = 0.0
-        # The response head being parsed: its fields and status text as llhttp reports them,
-        # and the raw bytes read while it is incomplete (llhttp buffers a partial field).
+        # The response head being parsed: its fields as llhttp reports them, and the raw bytes
+        # read while it is incomplete (llhttp buffers a partial field; a long status line is
+        # not buffered, and counts here once it spans reads).
         self.in_head = False
         self.head_bytes = 0
         self.raw_head_bytes = 0
@@ -305,9 +306,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.stray = True  # a second message in a read meant for one: never pool this
         self.in_head = True
         self.head_bytes = 0
-
-    def on_status(self, status: bytes) -> None:
-        self.head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from proxy.core import framing
 from proxy.core.framing import (
     CLOSE_DELIMITED,
     CONTENT_TOO_LARGE,
@@ -29,7 +30,6 @@ from proxy.core.framing import (
     Rejection,
     check_expect,
     check_request_head,
-    forwarded_for,
     is_chunked,
     is_framing_lookalike,
     is_valid_host,
@@ -226,6 +226,15 @@ def test_hosts_that_could_smuggle_a_path_or_userinfo_are_rejected(host: bytes) -
     assert not is_valid_host(host)
 
 
+def test_host_verdicts_are_remembered_within_a_bound() -> None:
+    hosts = [b"h%d.example" % n for n in range(3000)]
+    assert all(is_valid_host(host) for host in hosts)
+    assert all(is_valid_host(host) for host in hosts)  # answered from memory, or again
+    assert not is_valid_host(b"a b")
+    assert not is_valid_host(b"a b")
+    assert len(framing._HOST_VERDICTS) <= 1024
+
+
 @pytest.mark.parametrize(
     ("expect", "expected"),
     [(b"100-continue", None), (b"100-Continue", None), (b"200-ok", EXPECTATION_FAILED)],
@@ -235,14 +244,6 @@ def test_only_100_continue_is_an_expectation(expect: bytes, expected: Rejection 
 
 
 # -- the upstream request head -------------------------------------------------------------
-
-
-def test_forwarded_for_appends_the_peer_to_what_the_client_sent() -> None:
-    assert forwarded_for(b"6.6.6.6", b"127.0.0.1") == b"6.6.6.6, 127.0.0.1"
-
-
-def test_forwarded_for_starts_with_the_peer_when_the_client_sent_none() -> None:
-    assert forwarded_for(None, b"::1") == b"::1"
 
 
 HEAD_FACTS: dict[str, object] = {
@@ -292,6 +293,10 @@ def test_the_end_to_end_fields_come_first_and_forwarding_facts_are_ours() -> Non
         b"X-Forwarded-For: 6.6.6.6, 10.0.0.1\r\nX-Forwarded-Proto: http\r\n"
         b"X-Forwarded-Host: shop.example\r\nVia: 1.1 canary-proxy\r\n\r\n"
     )
+
+
+def test_an_empty_x_forwarded_for_is_replaced_by_the_peer() -> None:
+    assert b"X-Forwarded-For: 10.0.0.1\r\n" in head(xff=b"")
 
 
 def test_fields_the_connection_header_nominates_are_dropped() -> None:
