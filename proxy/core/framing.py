@@ -101,8 +101,9 @@ def check_request_head(  # noqa: PLR0917 - positional: called for every request 
 ) -> Rejection | None:
     """The request head's rules, in the order they are reported; None if it may be forwarded.
 
-    `version` is llhttp's `major.minor` (any digits: the parser is lenient there so that this
-    decides); `transfer_encoding` is every Transfer-Encoding field joined by `, `;
+    `version` is llhttp's `major.minor` (a parser that refuses a version is replaced by one
+    lenient about it, so that this decides); `transfer_encoding` is every Transfer-Encoding
+    field joined by `, `;
     `content_length` llhttp has checked to be one decimal (one field, no list); `upgrade`
     whether llhttp will hand the connection to a tunnel after this head; `max_body` 0 for no
     limit; `suspects` the field names the loop's look-alike pre-filter caught. The parameters

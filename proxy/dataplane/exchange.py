@@ -77,10 +77,7 @@ class ClientSide:
     def uncork(self) -> None:
         raise NotImplementedError
 
-    def held_mark(self) -> int:
-        raise NotImplementedError
-
-    def drop_held(self, mark: int) -> bool:
+    def drop_held(self, first: bytes) -> bool:
         raise NotImplementedError
 
     def pause(self, reason: int) -> None:
@@ -122,7 +119,7 @@ class Exchange:
         "connect_task",
         "expect_body",
         "head",
-        "head_at",
+        "held_head",
         "http11",
         "instance",
         "keep_alive",
@@ -210,9 +207,9 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.response_chunked = False
-        # Where this response's head sits in the client's held output while the upstream read
-        # that carried it is being parsed (-1 once it may have left): see upstream_failed.
-        self.head_at = -1
+        # This response's head while it is held in the client's output with the upstream read
+        # that carried it (None once it may have left): see upstream_failed.
+        self.held_head: bytes | None = None
         self.response_deadline = 0.0
         self.retried = False
         self.reused = False
@@ -366,7 +363,7 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        self.head_at = self.client.held_mark()
+        self.held_head = head
         self.client.write(head)
 
     def _interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -446,7 +443,7 @@ class Exchange:
         self.client.cork()
 
     def batch_end(self) -> None:
-        self.head_at = -1
+        self.held_head = None
         self.client.uncork()
 
     def upstream_tunnel_data(self, data: bytes) -> None:
@@ -463,10 +460,11 @@ class Exchange:
         if self.status == 101:
             self.client.close()  # tunnel closed by the upstream
             return
-        if self.response_started and self.head_at >= 0 and self.client.drop_held(self.head_at):
+        held = self.held_head
+        if self.response_started and held is not None and self.client.drop_held(held):
             # Nothing of the response has left (its head is still held with the read that
             # carried it, e.g. a malformed chunked body right behind it): a 502 can still go.
-            self.head_at = -1
+            self.held_head = None
             self.response_started = False
             self.response_chunked = False
         if self._may_retry(kind, got_response):

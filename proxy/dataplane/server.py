@@ -77,8 +77,8 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         self.plane = server.plane
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        # Any `HTTP/d.d` gets through the parser, so that check_request_head decides on it.
-        self.parser.set_dangerous_leniencies(lenient_version=True)
+        self.lenient_version = False  # see _retry_version
+        self.messages = 0  # requests begun on this connection
         self.peer = b""
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -171,18 +171,17 @@ class ClientConnection(asyncio.Protocol, ClientSide):
             assert self.transport is not None
             self.transport.writelines(corked)
 
-    def held_mark(self) -> int:
-        """Where the next write lands in the held (corked) output; -1 if writes go out now."""
+    def drop_held(self, first: bytes) -> bool:
+        """Take back the held (corked) writes from `first`, the very object written, on;
+        whether it was still held."""
         corked = self.corked
-        return -1 if corked is None else len(corked)
-
-    def drop_held(self, mark: int) -> bool:
-        """Take back the held writes from `mark` on; whether they were all still held."""
-        corked = self.corked
-        if corked is None or mark < 0 or mark > len(corked):
+        if corked is None:
             return False
-        del corked[mark:]
-        return True
+        for index, data in enumerate(corked):
+            if data is first:
+                del corked[index:]
+                return True
+        return False
 
     def close(self) -> None:
         self.uncork()
@@ -257,6 +256,9 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         if tunnel is not None:
             tunnel.client_tunnel_data(data)
             return
+        # Whether this read starts with a request line (nothing of its head was read before).
+        at_head = self.parsing is None and not self.in_head
+        messages = self.messages
         if self.parsing is None:
             self.head_bytes += len(data)
         elif self.deadline_kind == DEADLINE_BODY:
@@ -274,10 +276,18 @@ class ClientConnection(asyncio.Protocol, ClientSide):
                 self._internal_error(cause or error)
             return
         except httptools.HttpParserError as error:
-            self.reject(_parser_rejection(error))
-            return
+            rejection = _parser_rejection(error)
+            if rejection.status != 505 or not at_head or self.messages != messages + 1:
+                self.reject(rejection)
+                return
+            retry = True  # outside this handler: its exception must not be the next one's cause
         except Exception as error:  # a bug of ours must not leave the connection wedged
             self._internal_error(error)
+            return
+        else:
+            retry = False
+        if retry:
+            self._retry_version(data)
             return
         framed = self.framed
         if framed is not None:
@@ -286,6 +296,23 @@ class ClientConnection(asyncio.Protocol, ClientSide):
                 framed.start_upstream()
         if self.in_head and self.head_bytes > self._head_limit():
             self.reject(Reject(431, b"Request Header Fields Too Large"))
+
+    def _retry_version(self, data: bytes) -> None:
+        """llhttp refuses an HTTP/1 minor version above 1 unless told to be lenient about the
+        version, which costs every new connection if done up front; so a parser that meets one
+        is replaced by a lenient one that parses this read again, and check_request_head
+        decides (RFC 9110 §2.5: processed as 1.1). Only when the read holds all of that
+        request so far and nothing before it, so no byte is parsed twice for an exchange."""
+        if self.lenient_version:
+            self.reject(Reject(505, b"HTTP Version Not Supported"))
+            return
+        self.lenient_version = True
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_version=True)
+        self.in_head = False
+        self.head_bytes = 0
+        self.messages -= 1
+        self.data_received(data)
 
     def _head_limit(self) -> int:
         limits = self.plane.current.config.limits
@@ -324,6 +351,7 @@ class ClientConnection(asyncio.Protocol, ClientSide):
     # -- llhttp callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.messages += 1
         self.in_head = True
         self.url = b""
         self.headers = []
