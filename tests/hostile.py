@@ -155,7 +155,7 @@ REJECTED_CASES = [
     # B4: versions.
     case(get(b"/", version=b"2.0"), {505}, "B4-http20"),
     case(get(b"/", version=b"0.9"), {505}, "B4-http09"),
-    case(get(b"/", version=b"1.2"), {400, 505}, "B4-http12"),
+    case(get(b"/", version=b"3.1"), {505}, "B4-http31"),
     # B5-B7: method, fragment, target length.
     case(b"get / HTTP/1.1\r\n" + HOST + b"\r\n", BAD_REQUEST, "B5-lowercase-method"),
     case(get(b"/a#x"), BAD_REQUEST, "B6-fragment"),

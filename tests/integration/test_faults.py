@@ -11,6 +11,7 @@ import pytest
 from fakes import (
     FakeUpstream,
     MakeProxy,
+    RawExchange,
     RawUpstream,
     eventually,
     hold_until_closed,
@@ -175,3 +176,93 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
     assert response.status == 200
     assert rest == b""
     assert 0.25 <= idle_for < 8
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+GET_CLOSE = b"GET /item HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\nZ\r\n0\r\n\r\n",
+        b"ffffffffffffffffff\r\nZ\r\n0\r\n\r\n",
+        b"1\nZ\r\n0\r\n\r\n",
+        b"1\r\nZ\n0\r\n\r\n",
+        b"1\r\nZZ\r\n0\r\n\r\n",
+        b"1\r\nZ\r\n0\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["bad-size", "overflow", "bare-lf", "bare-lf-after-data", "size-mismatch", "cl-trailer"],
+)
+async def test_a_malformed_chunked_body_in_the_read_of_its_head_gets_502(
+    make_proxy: MakeProxy, raw_exchange: RawExchange, body: bytes
+) -> None:
+    """Nothing of the response has reached the client yet, so it can still get a 502 instead
+    of a head and then a reset."""
+    async with RawUpstream(send_and_close(CHUNKED_HEAD + body)) as upstream:
+        proxy = await make_proxy(stable={"upstreams": [upstream.url]})
+        received = await raw_exchange(proxy.host, proxy.port, GET_CLOSE)
+
+    assert received.startswith(b"HTTP/1.1 502 "), received
+    assert received.endswith(b"\r\n\r\nBad Gateway\n"), received
+    assert proxy.holder.outcomes.upstream_errors == {("shop", "stable", "protocol"): 1}
+    assert proxy.holder.outcomes.requests == {("shop", "stable", 502): 1}
+
+
+@pytest.mark.parametrize(
+    ("answer", "limit"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * (1 << 20) + b"\r\nContent-Length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-F: v\r\n" * 20_000 + b"Content-Length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-F: v\r\n" * 101 + b"Content-Length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 " + b"R" * (1 << 20) + b"\r\nContent-Length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 1100 + b"\r\nContent-Length: 0\r\n\r\n", 1024),
+    ],
+    ids=["one-mib-field", "20000-fields", "101-fields", "long-status-line", "over-set-limit"],
+)
+async def test_a_response_head_over_the_limit_gets_502_and_counts_a_protocol_error(
+    make_proxy: MakeProxy, raw_exchange: RawExchange, answer: bytes, limit: int | None
+) -> None:
+    limits = None if limit is None else {"max_response_header_bytes": limit}
+    async with RawUpstream(send_and_close(answer)) as upstream:
+        proxy = await make_proxy(stable={"upstreams": [upstream.url]}, limits=limits)
+        received = await raw_exchange(proxy.host, proxy.port, GET_CLOSE)
+
+    assert received.startswith(b"HTTP/1.1 502 "), received[:200]
+    assert len(received) < 1000
+    assert proxy.holder.outcomes.upstream_errors == {("shop", "stable", "protocol"): 1}
+
+
+async def test_a_response_head_within_the_limit_is_forwarded(
+    make_proxy: MakeProxy, raw_exchange: RawExchange
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 900 + b"\r\nContent-Length: 2\r\n\r\nok"
+    async with RawUpstream(send_and_close(answer)) as upstream:
+        proxy = await make_proxy(
+            stable={"upstreams": [upstream.url]}, limits={"max_response_header_bytes": 1024}
+        )
+        received = await raw_exchange(proxy.host, proxy.port, GET_CLOSE)
+
+    assert received.startswith(b"HTTP/1.1 200 "), received[:200]
+    assert received.endswith(b"\r\n\r\nok")
+    assert proxy.holder.outcomes.upstream_errors == {}
+
+
+async def test_a_trailer_never_becomes_a_field_of_the_next_response(
+    make_proxy: MakeProxy, session: aiohttp.ClientSession
+) -> None:
+    """llhttp reports trailer fields through the same callback as head fields."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + b"2\r\nok\r\n0\r\nX-Trailer: leaked\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawUpstream(script) as upstream:
+        proxy = await make_proxy(stable={"upstreams": [upstream.url]})
+        for _ in range(2):
+            async with session.get(proxy.url + "/") as response:
+                assert await response.read() == b"ok"
+                assert "X-Trailer" not in response.headers
+        assert len(upstream.requests) == 1  # both requests went over one pooled connection

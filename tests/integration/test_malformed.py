@@ -33,8 +33,10 @@ from hostile import (
     MAX_HEADER_BYTES,
     MAX_URL_BYTES,
     REJECTED_CASES,
+    SMUGGLED,
     SMUGGLING_CASES,
     check_proxy_made,
+    get,
     post,
 )
 
@@ -392,3 +394,163 @@ async def test_silent_client_closed_at_header_deadline(env: Env) -> None:
     if reply.data:
         assert_proxy_made(reply, {408})
     await assert_upstream_untouched(env)
+
+
+# -- Framing classes an outside smuggling corpus found --------------------------------------
+#
+# Each class is covered for the kind of bug, not for the corpus's exact bytes.
+
+# 1. A field name that looks like Content-Length or Transfer-Encoding (underscores, repeated
+# dashes, other separators) is read as the real one by a hop that maps `_` to `-` (CGI, nginx
+# with `underscores_in_headers on`) or folds separators; dropping it would let the body parse
+# as a second request here and as part of one request there.
+LOOKALIKE_NAMES = [
+    b"Content_Length",
+    b"content_length",
+    b"CONTENT_LENGTH",
+    b"Content--Length",
+    b"Content.Length",
+    b"content~length",
+    b"ContentLength",
+    b"_Content-Length",
+    b"Content-Length_",
+    b"Content-_Length",
+    b"Transfer_Encoding",
+    b"Transfer--Encoding",
+    b"transfer.encoding",
+    b"TransferEncoding",
+    b"Transfer-Encoding-",
+]
+
+
+@pytest.mark.parametrize("name", LOOKALIKE_NAMES, ids=[n.decode() for n in LOOKALIKE_NAMES])
+async def test_framing_header_lookalike_is_rejected(env: Env, name: bytes) -> None:
+    value = b"chunked" if b"ncoding" in name.lower() else b"%d" % len(SMUGGLED)
+    body = (
+        b"%x\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n" + LAST if value == b"chunked" else SMUGGLED
+    )
+    await assert_rejected(env, post(name + b": " + value + b"\r\n", body=body), BAD_REQUEST)
+    assert b"/admin" not in env.upstream.data
+
+
+@pytest.mark.parametrize(
+    "name", [b"X_Content_Type", b"Content_Type", b"X-Content-Length", b"Content-Lengths"]
+)
+async def test_other_names_are_not_lookalikes(env: Env, name: bytes) -> None:
+    reply = await converse(env.port, [get(b"/n", name + b": 1\r\n", b"Connection: close\r\n")])
+    assert reply.status == 200, reply.data
+
+
+# 2. Transfer-Encoding split over two fields is one list (RFC 9110 §5.3): it gets exactly what
+# the same list in one field gets, and is never forwarded with a coding dropped.
+SPLIT_CODINGS = [
+    pytest.param([b"gzip", b"chunked"], id="gzip+chunked"),
+    pytest.param([b"identity", b"chunked"], id="identity+chunked"),
+    pytest.param([b"chunked", b"chunked"], id="chunked+chunked"),
+    pytest.param([b"chunked", b"gzip"], id="chunked+gzip"),
+    pytest.param([b"gzip, deflate", b"chunked"], id="list+chunked"),
+]
+
+
+@pytest.mark.parametrize("codings", SPLIT_CODINGS)
+async def test_transfer_encoding_over_two_fields_is_one_list(
+    env: Env, codings: list[bytes]
+) -> None:
+    joined = await converse(
+        env.port, [post(b"Transfer-Encoding: " + b", ".join(codings) + b"\r\n", body=LAST)]
+    )
+    split = await converse(
+        env.port, [post(*(b"Transfer-Encoding: " + c + b"\r\n" for c in codings), body=LAST)]
+    )
+    assert_proxy_made(joined, BAD_CODING)
+    assert_proxy_made(split, BAD_CODING)
+    await assert_upstream_untouched(env)
+    assert split.status == joined.status, (split.data, joined.data)
+
+
+# 3. A chunked request's head waits for its first chunk line (and for the rest of the read that
+# carried it): a pooled upstream connection must never get a head whose body is bad from the
+# first line, nor lose its place in the pool for it.
+FIRST_CHUNK_LINES = [
+    *CHUNK_CASES,
+    pytest.param(b"zz\r\nZ\r\n" + LAST, id="bad-hex"),
+    pytest.param(b"1\rZ\r\n" + LAST, id="bare-cr"),
+    pytest.param(b"1;a b\r\nZ\r\n" + LAST, id="bad-extension"),
+    pytest.param(b"1;\x00\r\nZ\r\n" + LAST, id="nul-in-extension"),
+    pytest.param(b"\r\n" + LAST, id="empty-line"),
+    pytest.param(b"1 \r\nZ\r\n" + LAST, id="space-after-size"),
+]
+
+
+@pytest.mark.parametrize("body", FIRST_CHUNK_LINES)
+@pytest.mark.parametrize("late", [False, True], ids=["with-head", "after-head"])
+async def test_bad_first_chunk_never_reaches_a_pooled_upstream(
+    env: Env, body: bytes, late: bool
+) -> None:
+    await assert_control(env)  # leaves one idle upstream connection in the pool
+    before = env.upstream.data
+    segments = [post(CHUNKED), body] if late else [post(CHUNKED, body=body)]
+    reply = await converse(env.port, segments, delay=0.05)
+    assert_proxy_made(reply, BAD_REQUEST)
+    await asyncio.sleep(0.05)
+    assert env.upstream.data == before, f"upstream got {env.upstream.data[len(before) :]!r}"
+    await assert_control(env)
+    assert env.upstream.connections == 1, "the pooled upstream connection was not kept"
+    assert env.upstream.ended == 0
+
+
+async def test_a_chunk_error_late_in_a_stream_closes_the_upstream_mid_body(env: Env) -> None:
+    chunks = [b"10\r\n" + b"c" * 16 + b"\r\n" for _ in range(4)]
+    reply = await converse(env.port, [post(CHUNKED), *chunks, b"zz\r\n" + LAST], delay=0.05)
+    assert reply.eof or reply.reset, "connection left open"
+    if reply.data:
+        assert_proxy_made(reply, BAD_REQUEST, allow_reset=True)
+    await assert_no_upstream_connection_kept(env)
+    (record,) = env.upstream.received
+    data = bytes(record)
+    assert data.startswith(b"POST / HTTP/1.1\r\n"), data
+    payload, complete = chunked_payload(data, data.find(b"\r\n\r\n") + 4)
+    assert payload > 0
+    assert not complete, f"upstream got a complete chunked body: {data!r}"
+    await assert_control(env)
+
+
+# 6. Whitespace after a field value is not part of it (RFC 9110 §5.5), and a higher HTTP/1
+# minor version is processed as 1.1 (RFC 9110 §2.5). (A tab after `chunked` is refused by
+# llhttp itself, with a 400: see A3-tab-after-value.)
+@pytest.mark.parametrize("value", [b"chunked ", b"chunked  ", b"Chunked ", b" chunked "])
+async def test_chunked_with_trailing_whitespace_is_forwarded(env: Env, value: bytes) -> None:
+    request = post(
+        b"Transfer-Encoding: " + value + b"\r\n",
+        b"Connection: close\r\n",
+        body=b"3\r\nabc\r\n" + LAST,
+    )
+    reply = await converse(env.port, [request])
+    assert reply.status == 200, reply.data
+    (record,) = env.upstream.received
+    assert b"Transfer-Encoding: chunked\r\n" in record
+    assert bytes(record).endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), bytes(record)
+
+
+def status_lines(data: bytes) -> list[int]:
+    """The statuses of the responses in `data` (their short bodies hold no status line)."""
+    return [int(line.split(b" ")[1]) for line in data.split(b"\n") if line[:9] == b"HTTP/1.1 "]
+
+
+@pytest.mark.parametrize("minor", [b"2", b"9"])
+async def test_a_higher_http1_minor_version_is_processed_as_1_1(env: Env, minor: bytes) -> None:
+    reply = await converse(env.port, [get(b"/v", version=b"1." + minor) + CONTROL])
+    assert status_lines(reply.data) == [200, 200], reply.data  # kept alive, as 1.1 is by default
+    assert env.upstream.data.startswith(b"GET /v HTTP/1.1\r\n"), env.upstream.data
+
+
+async def test_a_higher_minor_version_behind_another_request_in_the_same_read_is_not_replayed(
+    env: Env,
+) -> None:
+    """The parser is made lenient about versions by parsing the read again, which is only
+    safe when the request is the first of the read: behind another one it stays a 505, and
+    the one before it reaches the upstream once."""
+    reply = await converse(env.port, [get(b"/first") + get(b"/second", version=b"1.2")])
+    assert status_lines(reply.data) == [200, 505], reply.data
+    assert env.upstream.data.count(b"GET /first ") == 1, env.upstream.data
+    assert b"/second" not in env.upstream.data
