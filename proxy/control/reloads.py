@@ -132,6 +132,10 @@ class Reloader:
             problems.append(
                 ConfigProblem(path="state_dir", message="changing state_dir needs a restart")
             )
+        if config.cluster != current.cluster:
+            problems.append(
+                ConfigProblem(path="cluster", message="changing the cluster needs a restart")
+            )
         if config.admin.listen != current.admin.listen:
             problems.append(
                 ConfigProblem(

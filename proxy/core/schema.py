@@ -22,11 +22,13 @@ from typing import Any, Final, TypeAlias, get_args
 
 from proxy.core.config import (
     ADDRESS,
+    CLUSTER_NAME,
     CONFIG_SECTION,
     DURATION,
     ENV_NAME,
     MAX_WORKERS,
     PLAIN_PATH,
+    REPLICA,
     ROUTE_NAME,
     TOKEN,
     FieldSpec,
@@ -91,6 +93,9 @@ _LEAVES: Final[Mapping[ValueKind, JSON]] = {
         "maximum": MAX_WORKERS,
         "pattern": "^auto$",
     },
+    "redis_url": {"type": "string", "pattern": "^(?:rediss?|unix)://."},
+    "cluster_name": {"type": "string", "pattern": _anchored(CLUSTER_NAME)},
+    "replica": {"type": "string", "pattern": _anchored(REPLICA)},
 }
 
 _NOT_NULL: Final = {"not": {"type": "null"}}

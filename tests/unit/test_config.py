@@ -18,6 +18,7 @@ from proxy.core.config import (
     BASIS_POINTS,
     Address,
     Admin,
+    Cluster,
     Config,
     ConfigError,
     ConfigProblem,
@@ -118,7 +119,7 @@ def test_the_example_file_writes_every_field_the_parser_knows() -> None:
         "revision:", "split:",
         "weight:", "salt:", "sticky:", "force:", "rollout:", "steps:", "interval:", "guard:",
         "window:", "min_requests:", "max_error_rate:", "max_error_rate_increase:",
-        "max_p99_latency:", "action:",
+        "max_p99_latency:", "action:", "cluster:", "redis:", "redis_password_env:", "replica:",
     ):  # fmt: skip
         assert name in text, name
 
@@ -1185,3 +1186,67 @@ def test_problems_in_json_text_carry_their_paths() -> None:
     assert format_problems(caught.value.problems) == (
         "routes[0].split.weight: must be between 0 and 100"
     )
+
+
+# --- cluster -------------------------------------------------------------------------------------
+
+
+def test_without_a_cluster_section_a_replica_is_alone() -> None:
+    assert parse(minimal()).cluster is None
+
+
+def test_a_cluster_takes_its_redis_name_password_variable_and_replica() -> None:
+    data = minimal()
+    data["cluster"] = {
+        "redis": "rediss://redis.internal:6380/2",
+        "redis_password_env": "REDIS_PW",
+        "name": "shop-edge",
+        "replica": "edge-1",
+    }
+    assert parse(data).cluster == Cluster(
+        redis="rediss://redis.internal:6380/2",
+        redis_password_env="REDIS_PW",
+        name="shop-edge",
+        replica="edge-1",
+    )
+
+
+def test_a_clusters_replica_id_defaults_to_auto() -> None:
+    data = minimal()
+    data["cluster"] = {"redis": "unix:///run/redis.sock", "name": "edge"}
+    assert parse(data).cluster == Cluster(redis="unix:///run/redis.sock", name="edge")
+
+
+def test_every_cluster_problem_is_reported_with_its_path() -> None:
+    data = minimal()
+    data["cluster"] = {"redis": "redis://:6379", "replica": "a b", "redis_password_env": "A-B"}
+    assert problems(data) == [
+        ("cluster.redis", "must name a host (and a port from 1 to 65535, if any)"),
+        ("cluster.name", "is required"),
+        ("cluster.redis_password_env", "must be an environment variable name"),
+        ("cluster.replica", "must match [A-Za-z0-9_.:-]+"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("redis", "message"),
+    [
+        ("http://redis:6379", "must be a URL like redis://host:6379/0"),
+        ("redis://redis:99999", "must be a URL like redis://host:6379/0"),
+        ("redis://redis:0", "must name a host"),
+        ("redis://redis:6379/cache", "the path must be a database number"),
+        ("unix://run/redis.sock", "a unix:// URL needs an absolute socket path"),
+    ],
+)
+def test_a_malformed_redis_url_is_rejected(redis: str, message: str) -> None:
+    data = minimal()
+    data["cluster"] = {"redis": redis, "name": "edge"}
+    ((path, text),) = problems(data)
+    assert path == "cluster.redis"
+    assert text.startswith(message)
+
+
+def test_a_cluster_name_is_part_of_redis_keys_and_must_be_plain() -> None:
+    data = minimal()
+    data["cluster"] = {"redis": "redis://r", "name": "shop edge"}
+    assert problems(data) == [("cluster.name", "must match [A-Za-z0-9_.-]+")]

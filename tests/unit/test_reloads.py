@@ -42,6 +42,21 @@ def test_changing_state_dir_is_refused_with_its_path(tmp_path: Path) -> None:
     assert reloader.holder.outcomes.reloads == {"success": 0, "failure": 1}
 
 
+def test_joining_or_leaving_a_cluster_is_refused_with_its_path(tmp_path: Path) -> None:
+    reloader, path = setup(tmp_path)
+    before = path.read_text()
+    text = 'cluster: {redis: "redis://127.0.0.1:6379", name: edge}\n' + CONFIG.format(
+        state_dir="./state", host="127.0.0.1"
+    )
+    with pytest.raises(ConfigError) as refused:
+        reloader.replace_config(text, "application/yaml")
+    assert [(p.path, p.message) for p in refused.value.problems] == [
+        ("cluster", "changing the cluster needs a restart")
+    ]
+    assert path.read_text() == before
+    assert reloader.holder.current.config.cluster is None
+
+
 @pytest.mark.parametrize("workers", ["2", "auto"])
 def test_changing_the_worker_count_is_refused_with_its_path(tmp_path: Path, workers: str) -> None:
     reloader, path = setup(tmp_path)

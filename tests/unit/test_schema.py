@@ -21,11 +21,13 @@ from proxy.cli import main
 from proxy.control.loader import load_config_file
 from proxy.core.config import (
     ADDRESS,
+    CLUSTER_NAME,
     CONFIG_SECTION,
     DURATION,
     ENV_NAME,
     MATCH_HOST,
     PLAIN_PATH,
+    REPLICA,
     ROUTE_NAME,
     TOKEN,
     Config,
@@ -137,6 +139,12 @@ def full() -> dict[str, Any]:
                 },
             }
         ],
+        "cluster": {
+            "redis": "redis://10.0.9.1:6379/0",
+            "redis_password_env": "CANARY_PROXY_REDIS_PASSWORD",
+            "name": "shop-edge",
+            "replica": "auto",
+        },
     }
 
 
@@ -428,6 +436,11 @@ KIND_SAMPLES: Final[dict[ValueKind, tuple[list[object], list[object]]]] = {
     "cookie_name": (["uid", "UID"], ["u=id", "can;ary", "", 1]),
     "guard_action": (["rollback", "observe"], ["rollforward", "Rollback", "", 1]),
     "workers": ([1, 2, 64, 256, "auto"], [0, -1, 257, 1.5, True, "Auto", "2", "", "auto "]),
+    "redis_url": (["redis://10.0.0.1:6379/0", "redis://redis", "rediss://:pw@r.internal:6380/2",
+                   "unix:///run/redis.sock", "redis://[::1]:6379"],
+                  ["http://redis:6379", "redis:6379", "REDIS://r", "redis://", "", 6379]),
+    "cluster_name": (["shop-edge", "Edge_1.eu"], ["shop edge", "edge:1", "", 1]),
+    "replica": (["auto", "edge-1", "host.local:8080"], ["edge 1", "a/b", "", 1]),
 }  # fmt: skip
 
 
@@ -497,13 +510,14 @@ def test_the_schema_states_the_parsers_defaults() -> None:
         "routes[0].match.path_prefix",
         "routes[0].split.weight",
         "routes[0].guard.window", "routes[0].guard.min_requests",
-        "routes[0].guard.max_error_rate", "routes[0].guard.action",
+        "routes[0].guard.max_error_rate", "routes[0].guard.action", "cluster.replica",
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("path", "default"), DEFAULTS, ids=ids(DEFAULTS))
 def test_writing_a_default_out_parses_like_leaving_it_out(path: Where, default: object) -> None:
     base = with_canary(guard={})
+    base["cluster"] = {"redis": "redis://redis:6379/0", "name": "edge"}  # its required fields
     data = put(copy.deepcopy(base), path, default)
 
     assert schema_paths(data) == set()
@@ -568,6 +582,15 @@ CANDIDATES: Final[dict[ValueKind, st.SearchStrategy[object]]] = {
     "cookie_name": _regex(TOKEN),
     "guard_action": st.sampled_from(["rollback", "observe", "Rollback", "OBSERVE", "none"]),
     "workers": st.one_of(st.integers(-2, 300), st.sampled_from(["auto", "AUTO", "0", ""])),
+    "redis_url": st.builds(
+        "{}{}{}{}".format,
+        st.sampled_from(["redis://", "rediss://", "unix://", "REDIS://", "redis:"]),
+        st.sampled_from(["", "h", "[::1]", ":pw@h", "/run/r.sock"]),
+        _PORT,
+        st.sampled_from(["", "/", "/0", "/x", "?a"]),
+    ),
+    "cluster_name": _regex(CLUSTER_NAME),
+    "replica": _regex(REPLICA),
 }
 
 

@@ -137,6 +137,16 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    """Replicas with the same `name` run one rollout per route through Redis."""
+
+    redis: str  # redis://, rediss:// or unix:// URL
+    name: str
+    redis_password_env: str | None = None
+    replica: str = "auto"  # auto: the host name and the listen port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: Address
     admin: Admin
@@ -145,3 +155,4 @@ class Config:
     limits: Limits
     routes: tuple[Route, ...]
     workers: Workers = 1
+    cluster: Cluster | None = None

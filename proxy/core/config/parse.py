@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -23,6 +24,7 @@ from proxy.core.config.model import (
     MAX_WORKERS,
     Address,
     Admin,
+    Cluster,
     Config,
     ConfigError,
     ConfigProblem,
@@ -41,6 +43,8 @@ from proxy.core.config.model import (
 from proxy.core.config.spec import (
     ADDRESS,
     ADMIN_SECTION,
+    CLUSTER_NAME,
+    CLUSTER_SECTION,
     CONFIG_SECTION,
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_LISTEN,
@@ -57,6 +61,8 @@ from proxy.core.config.spec import (
     MATCH_SECTION,
     MAX_PORT,
     PLAIN_PATH,
+    REDIS_SCHEMES,
+    REPLICA,
     ROLLOUT_SECTION,
     ROUTE_NAME,
     ROUTE_SECTION,
@@ -187,7 +193,57 @@ def _config(section: _Section, base_dir: str) -> Config:
         limits=_or(section.get("limits", _limits), Limits()),
         routes=_or(section.get("routes", _routes), ()),
         workers=_or(section.get("workers", _workers), 1),
+        cluster=section.get("cluster", _cluster),
     )
+
+
+def _cluster(ctx: _Context, raw: object) -> Cluster | None:
+    section = _section(ctx, raw, CLUSTER_SECTION)
+    if section is None:
+        return None
+    redis = section.get("redis", _redis_url)
+    name = section.get("name", partial(_matching, regex=CLUSTER_NAME, hint="[A-Za-z0-9_.-]+"))
+    password_env = section.get("redis_password_env", _env_name)
+    replica = section.get("replica", partial(_matching, regex=REPLICA, hint="[A-Za-z0-9_.:-]+"))
+    if redis is None or name is None:
+        return None
+    return Cluster(
+        redis=redis, name=name, redis_password_env=password_env, replica=_or(replica, "auto")
+    )
+
+
+def _redis_url(ctx: _Context, raw: object) -> str | None:
+    text = _string(ctx, raw)
+    if text is None:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError:
+        parts, port = urlsplit(""), None
+    if not text.startswith(REDIS_SCHEMES) or not parts.scheme:
+        ctx.report("must be a URL like redis://host:6379/0, rediss://... or unix:///path")
+        return None
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            ctx.report("a unix:// URL needs an absolute socket path (unix:///run/redis.sock)")
+            return None
+        return text
+    if not parts.hostname or port == 0:
+        ctx.report("must name a host (and a port from 1 to 65535, if any)")
+        return None
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        ctx.report("the path must be a database number (redis://host:6379/0)")
+        return None
+    return text
+
+
+def _matching(ctx: _Context, raw: object, *, regex: re.Pattern[str], hint: str) -> str | None:
+    text = _string(ctx, raw)
+    if text is not None and regex.fullmatch(text) is None:
+        ctx.report(f"must match {hint}")
+        return None
+    return text
 
 
 def _admin(ctx: _Context, raw: object, *, base_dir: str) -> Admin | None:

@@ -42,6 +42,9 @@ ValueKind = Literal[
     "cookie_name",
     "guard_action",
     "workers",  # a whole number of at least 1, or auto
+    "redis_url",  # redis://[:password@]host[:port][/db], rediss://..., unix:///path
+    "cluster_name",  # [A-Za-z0-9_.-]+: part of every Redis key
+    "replica",  # [A-Za-z0-9_.:-]+, or auto
 ]
 
 
@@ -345,6 +348,36 @@ ROUTE_SECTION: Final = SectionSpec(
         ),
     ),
 )
+CLUSTER_SECTION: Final = SectionSpec(
+    name="cluster",
+    fields=(
+        FieldSpec(
+            name="redis",
+            kind="redis_url",
+            required=True,
+            description="The fleet's Redis: redis://host[:port][/db], rediss:// (TLS) or"
+            " unix:///path/redis.sock. A Redis Cluster or Sentinel is not supported.",
+        ),
+        FieldSpec(
+            name="redis_password_env",
+            kind="env_name",
+            description="Optional: environment variable holding the Redis AUTH password.",
+        ),
+        FieldSpec(
+            name="name",
+            kind="cluster_name",
+            required=True,
+            description="Replicas with the same name share every route's rollout (the prefix of"
+            " their Redis keys).",
+        ),
+        FieldSpec(
+            name="replica",
+            kind="replica",
+            default="auto",
+            description="This replica's id in the fleet; auto = host name and listen port.",
+        ),
+    ),
+)
 CONFIG_SECTION: Final = SectionSpec(
     name="config",
     fields=(
@@ -385,6 +418,12 @@ CONFIG_SECTION: Final = SectionSpec(
             required=True,
             description="Routes; the first match wins.",
         ),
+        FieldSpec(
+            name="cluster",
+            kind=CLUSTER_SECTION,
+            description="Optional: several replicas run one rollout per route through Redis."
+            " Changing it needs a restart.",
+        ),
     ),
 )
 
@@ -402,6 +441,9 @@ MATCH_HOST: Final = re.compile(
 )
 ROUTE_NAME: Final = re.compile(r"[a-z0-9-]+")
 ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CLUSTER_NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
+REPLICA: Final = re.compile(r"[A-Za-z0-9_.:-]+")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 # RFC 9110 §5.6.2 `token`; header field names (§5.1) and cookie names (RFC 6265 §4.1.1) are tokens.
 TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 PLAIN_PATH: Final = re.compile(r"/[^\s?#]*")
