@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import floor
 from typing import Final
@@ -26,6 +27,7 @@ def _log_spaced(low: float, high: float, count: int) -> tuple[float, ...]:
 LATENCY_BOUNDS: Final[tuple[float, ...]] = _log_spaced(_FASTEST, _SLOWEST, _BOUND_COUNT)
 _UPPER: Final[tuple[float, ...]] = (*LATENCY_BOUNDS, math.inf)  # the overflow bucket is +inf
 _BUCKETS: Final = len(_UPPER)
+LATENCY_BUCKETS: Final = _BUCKETS  # histogram length: LATENCY_BOUNDS and the overflow bucket
 _NEVER: Final = -(2**62)  # the tick of a window that has seen no time yet
 
 
@@ -216,14 +218,20 @@ class SlidingWindow(Evidence):
                 histograms[base + bucket] = 0
 
     def _p99(self, requests: int) -> float | None:
-        if not requests:
-            return None
-        # The p99 is the observation of rank ceil(0.99 n) (nearest rank); `above` of them lie
-        # above it. Scanning from the slow end finds its bucket in a few steps.
-        above = requests - (99 * requests + 99) // 100
-        bucket = _BUCKETS - 1
-        seen = self._total_histogram[bucket]
-        while seen <= above:
-            bucket -= 1
-            seen += self._total_histogram[bucket]
-        return _UPPER[bucket]
+        return p99_of(self._total_histogram, requests)
+
+
+def p99_of(histogram: Sequence[int], requests: int) -> float | None:
+    """The p99 of `requests` observations counted in `histogram` (LATENCY_BUCKETS counts): the
+    upper bound of its bucket, or None without requests."""
+    if not requests:
+        return None
+    # The p99 is the observation of rank ceil(0.99 n) (nearest rank); `above` of them lie
+    # above it. Scanning from the slow end finds its bucket in a few steps.
+    above = requests - (99 * requests + 99) // 100
+    bucket = _BUCKETS - 1
+    seen = histogram[bucket]
+    while seen <= above:
+        bucket -= 1
+        seen += histogram[bucket]
+    return _UPPER[bucket]

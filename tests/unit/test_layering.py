@@ -1,8 +1,8 @@
 """The pure core never imports the shell's frameworks, directly or through another module.
 
 Every module of `proxy/core/` (docs/architecture.md) stays free of asyncio, aiohttp,
-prometheus_client and yaml (and of uvloop and httptools, the data plane's), and of the shell's
-own packages.
+prometheus_client and yaml (and of uvloop and httptools, the data plane's, and redis, the
+fleet's), and of the shell's own packages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 ROOT: Final = Path(__file__).resolve().parents[2]
 PACKAGE: Final = "proxy"  # our own imports are followed; everything else is a leaf
 FORBIDDEN: Final = frozenset(
-    {"asyncio", "aiohttp", "prometheus_client", "yaml", "uvloop", "httptools"}
+    {"asyncio", "aiohttp", "prometheus_client", "yaml", "uvloop", "httptools", "redis"}
 )
 CORE: Final = "proxy.core"
 REQUIRED_PURE: Final = ("proxy.core.config", "proxy.core.bucketing", "proxy.core.routing")
