@@ -26,7 +26,7 @@ from proxy.core.config import Guard, Route
 from proxy.core.guard import Assessment, assess
 from proxy.core.rollout import RolloutState, Transition
 from proxy.core.vocabulary import RollbackReason
-from proxy.core.window import SlidingWindow, Tally, TallyCounts
+from proxy.core.window import SlidingWindow, Tally, TallyCounts, Tee, WindowCounts
 from proxy.dataplane.outcomes import Recorder, VersionStats
 from proxy.dataplane.runtime import RouteState
 
@@ -50,6 +50,11 @@ class PersistError(Exception):
     """An admin decision could not be written to state_dir, so it was not applied."""
 
 
+class DecisionRefused(Exception):
+    """An admin decision the fleet cannot take now (its store is unreachable and the decision
+    would raise a weight); nothing changed."""
+
+
 ABORTED_REVISIONS_KEY: Final = "aborted_revisions"  # stored beside RolloutState's own fields
 
 
@@ -70,15 +75,24 @@ class Controller:
         *,
         wall: Callable[[], float] = time.time,
         follower: bool = False,
+        pooled: bool = False,
     ) -> None:
         self.recorder = recorder
         self.store = store
         self.wall = wall
         self.follower = follower
+        self.pooled = pooled  # in a fleet: guarded routes also count for the fleet's window
         # Told after every decision (the supervisor sends the new states to its workers).
         self.on_change: Callable[[], None] | None = None
         # A follower's canary error: the supervisor must hear of it now, not at the next report.
         self.on_canary_error: Callable[[], None] | None = None
+        # In a fleet (proxy/control/fleet.py): told of every decision of ours (to publish it),
+        # asked before an admin decision (may refuse it), asked before a ramp step (the lease),
+        # and told of canary errors (to pool the evidence now).
+        self.on_decision: Callable[[str, RolloutState, Transition], None] | None = None
+        self.check_decision: Callable[[Transition], None] | None = None
+        self.may_ramp: Callable[[], bool] | None = None
+        self.on_evidence: Callable[[], None] | None = None
         self.live: dict[str, RouteState] = {}
         self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
         # Routes not in the current config keep their record (an abort must survive a reload
@@ -175,6 +189,8 @@ class Controller:
         live.epoch = next(self._epochs)
         live.stable_window = live.canary_window = None
         live.stable_evidence = live.canary_evidence = None
+        live.stable_pool = live.canary_pool = None
+        live.fleet_window = None
         if guard is None:
             return
         if self.follower:
@@ -183,6 +199,10 @@ class Controller:
         live.stable_window = SlidingWindow(guard.window)
         live.canary_window = SlidingWindow(guard.window)
         live.stable_evidence, live.canary_evidence = live.stable_window, live.canary_window
+        if self.pooled:
+            live.stable_pool, live.canary_pool = Tally(), Tally()
+            live.stable_evidence = Tee(live.stable_window, live.stable_pool)
+            live.canary_evidence = Tee(live.canary_window, live.canary_pool)
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -219,12 +239,16 @@ class Controller:
         window = live.canary_window if canary else live.stable_window
         if window is not None:
             window.add(monotonic(), counts)
+        pool = live.canary_pool if canary else live.stable_pool
+        if pool is not None:
+            pool.add(counts)
 
     def assess_route(self, name: str) -> None:
         """A worker reported canary errors: judge the route now rather than at the tick."""
         live = self.live.get(name)
         if live is not None and live.guard is not None and not live.aborted:
             self._assess(name, live, monotonic())
+            self._evidence()
 
     # -- the guard, in line ------------------------------------------------------------------
 
@@ -236,6 +260,11 @@ class Controller:
                 self.on_canary_error()
             else:
                 self._assess(name, live, monotonic())
+                self._evidence()
+
+    def _evidence(self) -> None:
+        if self.on_evidence is not None:
+            self.on_evidence()
 
     def _assess(self, name: str, live: RouteState, now: float) -> Assessment | None:
         windows = live.windows(now)
@@ -258,8 +287,8 @@ class Controller:
             if live.aborted or live.rollout.state == "promoted":
                 continue
             assessment = self._assess(name, live, now)
-            if live.aborted:
-                continue
+            if live.aborted or (self.may_ramp is not None and not self.may_ramp()):
+                continue  # in a fleet, only the ramp lease's holder moves ramps
             change = rollout.tick(
                 live.route,
                 live.rollout,
@@ -295,6 +324,8 @@ class Controller:
             change = rollout.set_weight(route, state, now, weight)
         else:
             raise ValueError(f"unknown verb {verb!r}")
+        if change[1] is not None and self.check_decision is not None:
+            self.check_decision(change[1])
         self._apply(name, live, change)
         return live
 
@@ -320,6 +351,8 @@ class Controller:
         if _restarts(transition):
             self._reset_windows(live, live.route.guard)
         self._changed()
+        if self.on_decision is not None and transition.actor != "config":
+            self.on_decision(name, state, transition)
         if transition.action in ("rollback", "abort"):
             self.recorder.rolled_back(name, _rollback_reason(transition))
         if transition.action in ("rollback", "observe_breach"):
@@ -333,6 +366,59 @@ class Controller:
             f"{transition.weight_after_bp / 100:g}",
             transition.reason,
         )
+
+    # -- the fleet ---------------------------------------------------------------------------
+
+    def follow_fleet(
+        self,
+        name: str,
+        state: RolloutState,
+        aborted_revisions: Iterable[str],
+        event: dict[str, object] | None,
+    ) -> bool:
+        """Another replica's decision: applied and written here like one of ours (its event
+        names the replica). False if it is about a canary revision this config does not run
+        (a fleet in the middle of a config change): each replica follows its own config then.
+
+        A ramp's dwell counts canary requests from here on, on this process's counter: the
+        deciding replica's counter means nothing here.
+        """
+        live = self.live.get(name)
+        if live is None:
+            return False
+        revision = live.route.canary.revision if live.route.canary else None
+        if state.revision != revision:
+            return False
+        canary_requests = self.recorder.stats_for(name, "canary").requests
+        state = replace(state, step_base_requests=canary_requests)
+        self.aborted_revisions[name] = set(aborted_revisions)
+        if event is not None:
+            self._unwritten.append({**event, "time": _timestamp(state.updated)})
+        # Like the guard's rollback: applied even if state_dir refuses it (retried each tick).
+        self._write([], {name: state})
+        restarts = live.rollout.state == "aborted" and state.state != "aborted"
+        live.adopt(state)
+        if restarts or (event is not None and event.get("action") in _RESTARTS):
+            self._reset_windows(live, live.route.guard)
+        self._changed()
+        return True
+
+    def judge_pooled(self, name: str, stable: WindowCounts, canary: WindowCounts) -> None:
+        """The fleet's window (every replica's counts): kept for status, and judged like the
+        local one, so `min_requests` counts the whole fleet's traffic."""
+        live = self.live.get(name)
+        if live is None or live.guard is None:
+            return
+        live.fleet_window = (stable, canary)
+        if live.aborted:
+            return
+        assessment = assess(live.guard, canary=canary, stable=stable)
+        if assessment.verdict == "breach":
+            live.assessment = assessment
+            reason = f"fleet: {assessment.reason}"
+            self._apply(
+                name, live, rollout.on_breach(live.route, live.rollout, self.wall(), reason)
+            )
 
     def _note_revisions(self, name: str, transition: Transition, state: RolloutState) -> None:
         revisions = self.aborted_revisions.setdefault(name, set())
@@ -398,9 +484,12 @@ class Controller:
                 await task
 
 
+_RESTARTS: Final = ("start", "new_revision", "retry")
+
+
 def _restarts(transition: Transition) -> bool:
     """A fresh start of the canary: old evidence in the windows must not judge it."""
-    return transition.action in ("start", "new_revision", "retry")
+    return transition.action in _RESTARTS
 
 
 def _rollback_reason(transition: Transition) -> RollbackReason:
@@ -418,5 +507,9 @@ def _rollback_reason(transition: Transition) -> RollbackReason:
 
 def _event(transition: Transition) -> dict[str, object]:
     event = transition.to_dict()
-    event["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(transition.at))
+    event["time"] = _timestamp(transition.at)
     return event
+
+
+def _timestamp(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))

@@ -43,9 +43,12 @@ class RuntimeHolder:
         store: StateStore | None = None,
         wall: Callable[[], float] = time.time,
         follower: bool = False,
+        pooled: bool = False,
     ) -> None:
         self.outcomes = recorder or Recorder()
-        self.controller = Controller(self.outcomes, store, wall=wall, follower=follower)
+        self.controller = Controller(
+            self.outcomes, store, wall=wall, follower=follower, pooled=pooled
+        )
         self._generation = 0
         self._instances: dict[str, Instance] = {}
         current, instances, plans = self._build(config)

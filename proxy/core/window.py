@@ -83,6 +83,13 @@ class Tally(Evidence):
         bucket = bisect_left(LATENCY_BOUNDS, latency)
         self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
 
+    def add(self, counts: TallyCounts) -> None:
+        """Count another tally's drained counts too (a worker's, passed on to the fleet)."""
+        self.requests += counts.requests
+        self.errors += counts.errors
+        for bucket, count in counts.buckets:
+            self.buckets[bucket] = self.buckets.get(bucket, 0) + count
+
     def drain(self) -> TallyCounts | None:
         """The counts so far (None if there are none), leaving the tally empty."""
         if not self.requests:
@@ -94,6 +101,21 @@ class Tally(Evidence):
         self.errors = 0
         self.buckets = {}
         return counts
+
+
+class Tee(Evidence):
+    """Records into the route's window (the in-line guard) and into a tally the fleet drains
+    into its pooled window."""
+
+    __slots__ = ("tally", "window")
+
+    def __init__(self, window: Evidence, tally: Tally) -> None:
+        self.window = window
+        self.tally = tally
+
+    def record(self, now: float, *, error: bool, latency: float) -> None:
+        self.window.record(now, error=error, latency=latency)
+        self.tally.record(now, error=error, latency=latency)
 
 
 class SlidingWindow(Evidence):

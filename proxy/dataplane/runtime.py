@@ -17,7 +17,7 @@ from proxy.core.guard import Assessment
 from proxy.core.rollout import RolloutState
 from proxy.core.routing import RouteTable
 from proxy.core.vocabulary import CANARY, STABLE
-from proxy.core.window import Evidence, SlidingWindow, WindowCounts
+from proxy.core.window import Evidence, SlidingWindow, Tally, WindowCounts
 from proxy.dataplane.outcomes import Recorder
 from proxy.dataplane.upstream import Instance, VersionPool
 
@@ -33,12 +33,15 @@ class RouteState:
         "aborted",
         "assessment",
         "canary_evidence",
+        "canary_pool",
         "canary_window",
         "epoch",
+        "fleet_window",
         "guard",
         "rollout",
         "route",
         "stable_evidence",
+        "stable_pool",
         "stable_window",
         "weight_bp",
     )
@@ -59,6 +62,11 @@ class RouteState:
         # reused, even for a route removed and added again); a worker's tallies carry it.
         self.epoch = 0
         self.assessment: Assessment | None = None
+        # In a fleet: what the replica counted since it last added to the fleet's window, and
+        # the fleet's (stable, canary) window as last read.
+        self.stable_pool: Tally | None = None
+        self.canary_pool: Tally | None = None
+        self.fleet_window: tuple[WindowCounts, WindowCounts] | None = None
 
     def adopt(self, state: RolloutState) -> None:
         self.rollout = state

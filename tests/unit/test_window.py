@@ -21,6 +21,7 @@ from proxy.core.window import (
     SlidingWindow,
     Tally,
     TallyCounts,
+    Tee,
     WindowCounts,
 )
 
@@ -436,3 +437,28 @@ def test_a_tally_added_with_a_clock_that_steps_back_lands_in_the_current_slot() 
     assert (window.snapshot(50.0).requests, window.snapshot(50.0).errors) == (4, 1)
     assert window.snapshot(59.99).requests == 4  # all of them live in the slot of t=50
     assert window.snapshot(60.0).requests == 0
+
+
+def test_a_tee_records_each_response_in_the_window_and_in_the_fleets_tally() -> None:
+    window = SlidingWindow(10.0)
+    tally = Tally()
+    tee = Tee(window, tally)
+    tee.record(100.0, error=True, latency=0.02)
+    tee.record(100.0, error=False, latency=0.02)
+    assert window.snapshot(100.0).requests == 2
+    assert window.snapshot(100.0).errors == 1
+    assert tally.drain() == TallyCounts(
+        requests=2, errors=1, buckets=((bisect_left(LATENCY_BOUNDS, 0.02), 2),)
+    )
+
+
+def test_a_tally_takes_another_tallys_drained_counts_on_top_of_its_own() -> None:
+    worker, fleet = Tally(), Tally()
+    worker.record(100.0, error=True, latency=0.001)
+    fleet.record(100.0, error=False, latency=0.001)
+    drained = worker.drain()
+    assert drained is not None
+    fleet.add(drained)
+    assert fleet.drain() == TallyCounts(
+        requests=2, errors=1, buckets=((bisect_left(LATENCY_BOUNDS, 0.001), 2),)
+    )

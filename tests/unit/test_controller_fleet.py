@@ -1,0 +1,131 @@
+"""The controller's side of a fleet: it tells the fleet of its decisions, lets it refuse an
+admin decision before anything changes, applies the fleet's decisions like its own, judges the
+pooled window, and moves ramps only with the lease."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from configs import guarded
+
+from proxy.control.controller import DecisionRefused
+from proxy.control.holder import RuntimeHolder
+from proxy.control.store import StateStore
+from proxy.core import rollout
+from proxy.core.rollout import RolloutState, Transition
+from proxy.core.window import Tee, WindowCounts
+
+
+def counts(requests: int, errors: int) -> WindowCounts:
+    return WindowCounts(requests=requests, errors=errors, p99=0.01)
+
+
+def test_a_decision_of_ours_is_handed_to_the_fleet_once_applied() -> None:
+    holder = RuntimeHolder(guarded(), pooled=True)
+    told: list[tuple[str, RolloutState, Transition]] = []
+    holder.controller.on_decision = lambda *decided: told.append(decided)
+    holder.controller.act("shop", "pause", holder.canary_stats("shop"))
+    ((name, state, transition),) = told
+    assert (name, state.state, transition.action) == ("shop", "paused", "pause")
+    assert holder.current.routes["shop"].state.rollout is state
+
+
+def test_a_refused_admin_decision_changes_nothing() -> None:
+    holder = RuntimeHolder(guarded())
+
+    def refuse(transition: Transition) -> None:
+        raise DecisionRefused(f"no {transition.action}")
+
+    holder.controller.check_decision = refuse
+    before = holder.current.routes["shop"].state.rollout
+    with pytest.raises(DecisionRefused, match="no set_weight"):
+        holder.controller.act("shop", "set_weight", holder.canary_stats("shop"), weight_bp=2000)
+    assert holder.current.routes["shop"].state.rollout is before
+    assert holder.current.routes["shop"].state.weight_bp == 1000
+
+
+def test_a_pooled_route_records_for_its_window_and_for_the_fleet() -> None:
+    holder = RuntimeHolder(guarded(), pooled=True)
+    live = holder.current.routes["shop"].state
+    assert isinstance(live.canary_evidence, Tee)
+    live.canary_evidence.record(1.0, error=True, latency=0.01)
+    assert live.canary_pool is not None
+    drained = live.canary_pool.drain()
+    assert drained is not None
+    assert drained.errors == 1
+    assert RuntimeHolder(guarded()).current.routes["shop"].state.canary_pool is None
+
+
+def test_the_fleets_decision_is_applied_and_written_with_the_replica_that_made_it(
+    tmp_path: Path,
+) -> None:
+    holder = RuntimeHolder(guarded(), store=StateStore(str(tmp_path)))
+    live = holder.current.routes["shop"].state
+    state, transition = rollout.abort(live.route, live.rollout, 1_800_000_000.0, "elsewhere")
+    assert transition is not None
+    event = {**transition.to_dict(), "replica": "b"}
+    assert holder.controller.follow_fleet("shop", state, ["v2"], event)
+    assert live.aborted
+    assert live.weight_bp == 0
+    saved = json.loads((tmp_path / "state.json").read_text())["routes"]["shop"]
+    assert (saved["state"], saved["aborted_revisions"]) == ("aborted", ["v2"])
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert (last["action"], last["replica"], last["time"]) == (
+        "abort",
+        "b",
+        "2027-01-15T08:00:00Z",
+    )
+
+
+def test_a_fleet_decision_about_another_revision_or_route_is_not_applied() -> None:
+    holder = RuntimeHolder(guarded())
+    live = holder.current.routes["shop"].state
+    other = replace(live.rollout, revision="v9", weight_bp=5000)
+    assert not holder.controller.follow_fleet("shop", other, [], None)
+    assert not holder.controller.follow_fleet("cart", live.rollout, [], None)
+    assert live.weight_bp == 1000
+
+
+def test_a_retry_from_the_fleet_starts_the_windows_afresh() -> None:
+    holder = RuntimeHolder(guarded())
+    live = holder.current.routes["shop"].state
+    aborted, _ = rollout.abort(live.route, live.rollout, 1.0, "x")
+    holder.controller.follow_fleet("shop", aborted, ["v2"], None)
+    epoch = live.epoch
+    retried, transition = rollout.retry(live.route, aborted, 2.0, canary_requests=0)
+    assert transition is not None
+    holder.controller.follow_fleet("shop", retried, [], transition.to_dict())
+    assert live.epoch != epoch
+    assert (live.weight_bp, live.aborted) == (1000, False)
+
+
+def test_the_pooled_window_trips_on_the_fleets_traffic_and_shows_in_the_route() -> None:
+    holder = RuntimeHolder(guarded())
+    live = holder.current.routes["shop"].state
+    holder.controller.judge_pooled("shop", counts(100, 0), counts(19, 19))  # < min_requests
+    assert live.fleet_window == (counts(100, 0), counts(19, 19))
+    assert not live.aborted
+    holder.controller.judge_pooled("shop", counts(100, 0), counts(25, 5))
+    assert live.aborted
+    assert live.rollout.reason.startswith("guard: fleet: canary error rate 0.2")
+    holder.controller.judge_pooled("shop", counts(100, 0), counts(40, 40))  # aborted: kept only
+    assert live.fleet_window == (counts(100, 0), counts(40, 40))
+    holder.controller.judge_pooled("cart", counts(1, 1), counts(1, 1))  # no such route
+
+
+def test_without_the_lease_a_ramp_holds_and_the_guard_still_judges() -> None:
+    config = guarded(rollout={"steps": [10, 50], "interval": "1s"}, split={})
+    clock = [1_800_000_000.0]
+    holder = RuntimeHolder(config, wall=lambda: clock[0])
+    holder.controller.may_ramp = lambda: False
+    clock[0] += 5
+    holder.controller.tick(holder.canary_stats)
+    live = holder.current.routes["shop"].state
+    assert (live.rollout.state, live.weight_bp) == ("progressing", 1000)
+    assert live.rollout.reason.startswith("ramp starts")
+    holder.controller.may_ramp = lambda: True
+    holder.controller.tick(holder.canary_stats)  # its interval is over: the holder decides
+    assert live.rollout.reason.startswith("held at step 1/2")  # (no canary traffic yet)
