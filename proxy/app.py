@@ -14,12 +14,13 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
 from proxy.control.admin import AdminSetupError, AdminState, check_exposure, create_app, load_token
 from proxy.control.exposition import ProxyCollector, build_registry
+from proxy.control.fleet import Fleet, FleetCollector, SeededStore, replica_id
 from proxy.control.holder import RuntimeHolder
 from proxy.control.reloads import Reloader
 from proxy.control.store import StateStore
@@ -34,19 +35,34 @@ class Proxy:
     """Owns the data plane and the admin app: the data plane is this process's server, or
     (`workers` > 1) worker processes it supervises (proxy.control.supervisor)."""
 
-    def __init__(self, config: Config, *, config_path: str | None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None,
+        workers: int = 1,
+        fleet: Fleet | None = None,
+        seed: Mapping[str, Mapping[str, object]] | None = None,
+    ) -> None:
+        """`fleet`: this replica's link to the others (config.cluster), and `seed`, the fleet's
+        route states it read before serving (None: Redis did not answer; state_dir's hold)."""
         self.config = config
         self.workers = workers
+        self.fleet = fleet
         self.token = load_token(config.admin)
         check_exposure(config.admin, self.token)
-        self.store = StateStore(config.state_dir)
+        self.store = (
+            StateStore(config.state_dir) if not seed else SeededStore(config.state_dir, seed)
+        )
         try:
             self.store.ensure()
         except OSError as error:
             raise AdminSetupError(
                 f"state_dir: cannot write {config.state_dir}: {error.strerror}"
             ) from None
-        self.holder = RuntimeHolder(config, store=self.store)
+        self.holder = RuntimeHolder(config, store=self.store, pooled=fleet is not None)
+        if fleet is not None:
+            fleet.attach(self.holder.controller)
         self.reloader = Reloader(self.holder, config_path)
         self.server: Server | None = None
         self.pool: WorkerPool | None = None
@@ -58,16 +74,22 @@ class Proxy:
     async def start(self) -> None:
         host, port, connections = await self._start_data_plane()
         collector = ProxyCollector(self.holder.outcomes, self.holder.route_views, connections)
+        registry = build_registry(collector)
+        if self.fleet is not None:
+            registry.register(FleetCollector(self.fleet))
         self.admin = AdminState(
             holder=self.holder,
             reloader=self.reloader,
-            registry=build_registry(collector),
+            registry=registry,
             token=self.token,
             workers=self.pool.status if self.pool is not None else None,
-            settle=self.pool.settled if self.pool is not None else None,
+            settle=self._settle if self.pool is not None or self.fleet is not None else None,
+            cluster=self.fleet.status if self.fleet is not None else None,
         )
         self.reloader.add_preparer(self._prepare_admin)
         self.holder.controller.start(self.holder.canary_stats)
+        if self.fleet is not None:
+            self.fleet.start()
         runner = web.AppRunner(
             create_app(self.admin), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
@@ -102,6 +124,14 @@ class Proxy:
         host, port = await server.start(listen.host, listen.port)
         return host, port, lambda: len(server.connections)
 
+    async def _settle(self) -> None:
+        """An admin answer means the change is in the fleet's Redis (while it answers) and
+        live on every worker."""
+        if self.fleet is not None:
+            await self.fleet.settled()
+        if self.pool is not None:
+            await self.pool.settled()
+
     def _prepare_admin(self, config: Config) -> Callable[[], None]:
         """Re-read the admin token with every reload (rotation without a restart); a token
         source that cannot be read, or a listener left exposed, refuses the whole reload."""
@@ -132,6 +162,8 @@ class Proxy:
         if self.pool is not None:
             await self.pool.stop(drain)
         await self.holder.controller.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped")
@@ -175,7 +207,12 @@ def raise_open_file_limit(max_connections: int) -> None:
 async def serve(config: Config, *, config_path: str | None, workers: int = 1) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     raise_open_file_limit(config.limits.max_connections)
-    proxy = Proxy(config, config_path=config_path, workers=workers)
+    fleet = seed = None
+    if config.cluster is not None:
+        fleet = Fleet(config.cluster, replica_id(config))
+        # The fleet's state before serving (a replica that restarts after kill -9 included).
+        seed = await fleet.seed(route.name for route in config.routes)
+    proxy = Proxy(config, config_path=config_path, workers=workers, fleet=fleet, seed=seed)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before starting: a SIGTERM while workers start is a graceful stop, not a death.

@@ -18,7 +18,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.control.controller import RECENT_EVENTS, PersistError
+from proxy.control.controller import RECENT_EVENTS, DecisionRefused, PersistError
 from proxy.control.holder import RuntimeHolder
 from proxy.control.reloads import Reloader
 from proxy.core.config import Admin, ConfigError
@@ -53,6 +53,8 @@ class AdminState:
     # With worker processes: returns once every worker applies what was changed so far, so
     # that an answer to a reload or a verb means the change is live everywhere.
     settle: Callable[[], Awaitable[None]] | None = None
+    # In a fleet: its name, whether Redis answers, and the replicas (GET /status `cluster`).
+    cluster: Callable[[], dict[str, object]] | None = None
 
 
 STATE_KEY: Final = web.AppKey("admin_state", AdminState)
@@ -179,6 +181,12 @@ def route_document(route: RouteRuntime) -> dict[str, object]:
             if windows is not None
             else {STABLE: None, CANARY: None}
         ),
+        # In a fleet: every replica's counts in the guard's window, as last read from Redis.
+        "fleet_window": (
+            {STABLE: _window(live.fleet_window[0]), CANARY: _window(live.fleet_window[1])}
+            if live.fleet_window is not None
+            else None
+        ),
         "verdict": (
             {"verdict": assessment.verdict, "reason": assessment.reason}
             if assessment is not None
@@ -214,6 +222,8 @@ async def _status(request: web.Request) -> web.Response:
     document: dict[str, object] = {"routes": routes, "generation": holder.current.generation}
     if state.workers is not None:
         document["workers"] = state.workers()
+    if state.cluster is not None:
+        document["cluster"] = state.cluster()
     return web.json_response(document)
 
 
@@ -322,7 +332,7 @@ async def _act(request: web.Request, verb: str, arguments: dict[str, object]) ->
         holder.controller.act(name, verb, holder.canary_stats(name), **arguments)
     except RolloutError as error:
         return _error(409, str(error))
-    except PersistError as error:
+    except (PersistError, DecisionRefused) as error:
         return _error(503, f"{error}; nothing changed")
     except ValueError as error:
         return _error(400, str(error))
