@@ -206,6 +206,10 @@ class Fleet:
         self.lag = LagHistogram()
         self.subscribed = False
         self.healthy = False
+        self._said_lost = False
+        self.instance = os.urandom(6).hex()  # this process, in the heartbeat
+        self._beaten = False
+        self._said_twin = False
         self.lease_renewed: float | None = None  # monotonic, when the kept renewal was sent
         self._wake: asyncio.Event | None = None
         self._published = asyncio.Event()  # a round of publishing ended
@@ -227,7 +231,7 @@ class Fleet:
                 replies = await self._read_records(names)
         except CONNECTION_ERRORS as error:
             log.warning(
-                "cluster %s: cannot read the fleet's state (%s); starting from state_dir",
+                "cluster %s: cannot read the fleet's state from Redis (%s); serving from state_dir",
                 self.cluster.name,
                 _describe(error),
             )
@@ -398,6 +402,7 @@ class Fleet:
                     async with asyncio.timeout(COMMAND_SECONDS * 2):
                         await self._catch_up()
                     self.subscribed = self.healthy = True
+                    self._said_lost = False
                     log.info("cluster %s: connected as %s", self.cluster.name, self.replica)
                     self._wake_publisher()
                     while True:
@@ -415,12 +420,15 @@ class Fleet:
             await asyncio.sleep(RECONNECT_SECONDS)
 
     def _lost(self, error: BaseException | None) -> None:
-        if self.connected:
+        """Redis failed us: degraded until it answers again (said once per outage)."""
+        if self.connected or not self._said_lost:
             log.warning(
-                "cluster %s: Redis unreachable (%s): keeping the last weights, ramps hold",
+                "cluster %s: Redis unreachable (%s): serving at the last weights; ramps hold and"
+                " nothing raises a weight until it is back",
                 self.cluster.name,
                 "?" if error is None else _describe(error),
             )
+            self._said_lost = True
         self.healthy = False
         self.lease_renewed = None
 
@@ -529,14 +537,18 @@ class Fleet:
     async def _beat(self) -> None:
         now = time.time()
         sent = monotonic()
-        beat = json.dumps({"last_seen": now, "applied_version": self.applied})
+        beat = json.dumps(
+            {"last_seen": now, "applied_version": self.applied, "instance": self.instance}
+        )
         async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.replicas, self.replica)
             pipe.hset(self.keys.replicas, self.replica, beat)
             pipe.hgetall(self.keys.replicas)
             await self._lease(
                 keys=[self.keys.lease], args=[self.replica, int(LEASE_SECONDS * 1000)], client=pipe
             )
-            _, replicas, leased = await pipe.execute()
+            previous, _, replicas, leased = await pipe.execute()
+        self._check_unique(previous)
         self.lease_renewed = sent if leased else None
         self.replicas, gone = _replicas(replicas, now)
         if gone:
@@ -544,8 +556,24 @@ class Fleet:
         if self.subscribed and not self.healthy:
             await self._catch_up()  # Redis was slow or away while we stayed subscribed
             self.healthy = True
+            self._said_lost = False
             log.info("cluster %s: Redis answers again", self.cluster.name)
             self._wake_publisher()
+
+    def _check_unique(self, previous: bytes | None) -> None:
+        """Two processes with one replica id would each take the other's decisions for their
+        own and share one lease: said loudly (a restart finds its own old entry: not that)."""
+        if previous is not None and self._beaten and not self._said_twin:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if json.loads(previous).get("instance") != self.instance:
+                    log.error(
+                        "cluster %s: another process also runs as replica %r; give every replica"
+                        " its own cluster.replica (decisions and the ramp lease get mixed up)",
+                        self.cluster.name,
+                        self.replica,
+                    )
+                    self._said_twin = True
+        self._beaten = True
 
     @property
     def lease_holder(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -27,6 +28,7 @@ from proxy_process import (
     TOKEN_ENV,
     ProxyProcess,
     open_session,
+    run_cli,
     running_proxy,
     scrape,
     value_of,
@@ -65,6 +67,8 @@ def replica_config(
     weight: float | None = 50,
     guard: Document | None = None,
     rollout: Document | None = None,
+    workers: int = 1,
+    password_env: str | None = None,
 ) -> Path:
     """A config for replica `replica` (its own folder and state_dir), in the test cluster
     unless `redis` is None (then a replica alone, as without the feature)."""
@@ -90,8 +94,12 @@ def replica_config(
         "timeouts": TIMEOUTS,
         "routes": [route],
     }
+    if workers > 1:
+        config["workers"] = workers
     if redis is not None:
         config["cluster"] = {"redis": redis.url, "name": CLUSTER, "replica": replica}
+        if password_env is not None:
+            config["cluster"]["redis_password_env"] = password_env
     return write_config(folder, config)
 
 
@@ -108,7 +116,9 @@ async def running_fleet(
         replicas = [
             await stack.enter_async_context(
                 running_proxy(
-                    replica_config(tmp_path, name, stable, canary, redis, **route), token=TOKEN
+                    replica_config(tmp_path, name, stable, canary, redis, **route),
+                    token=TOKEN,
+                    within=30.0,
                 )
             )
             for name in names
@@ -236,10 +246,22 @@ async def test_an_abort_on_one_replica_reaches_the_others_within_a_second_and_th
                 "a",
                 "admin: bad",
             )
-        lag = value_of(
-            await scrape(session, b.admin_url), "canary_proxy_cluster_decision_lag_seconds_count"
-        )
-        assert lag == 1
+        metrics = await scrape(session, b.admin_url)
+        assert value_of(metrics, "canary_proxy_cluster_decision_lag_seconds_count") == 1
+        assert value_of(metrics, "canary_proxy_cluster_connected") == 1
+
+        # The operator's view from any replica: the fleet, every replica, what each applied.
+        async def all_three_seen() -> bool:
+            replicas = (await status_of(session, b))["cluster"]["replicas"]
+            return {r["id"] for r in replicas} == {"a", "b", "c"}
+
+        await eventually(all_three_seen, within=3.0)
+        code, out, err = await run_cli("status", "--admin", b.admin_url)
+        assert code == 0, err
+        assert f"cluster {CLUSTER}: connected (this replica: b" in out
+        rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[-3:]}
+        assert set(rows) == {"a", "b", "c"}
+        await eventually(lambda: _value(session, b, "canary_proxy_cluster_replicas", 3), within=3.0)
 
 
 async def test_a_guard_rollback_on_one_replica_stops_the_canary_on_every_replica(
@@ -356,6 +378,12 @@ def saved_state_of(config_path: Path) -> Document:
     document: Document = json.loads((config_path.parent / "state" / "state.json").read_text())
     route: Document = document["routes"]["shop"]
     return route
+
+
+async def _value(
+    session: aiohttp.ClientSession, proxy: ProxyProcess, name: str, expected: float
+) -> bool:
+    return value_of(await scrape(session, proxy.admin_url), name) == expected
 
 
 async def _weight(session: aiohttp.ClientSession, proxy: ProxyProcess, weight: float) -> bool:
@@ -485,3 +513,117 @@ async def test_a_ramp_advances_exactly_once_per_step_across_the_fleet(
             if e["action"] == "advance"
         }
         assert len(decisions) == 3, decisions
+
+
+@pytest.mark.slow
+async def test_when_the_lease_holder_dies_another_replica_finishes_the_ramp(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    guard = {"window": "2s", "min_requests": 1, "max_error_rate": 0.5}
+    rollout = {"steps": [10, 30, 60], "interval": "1s"}
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(
+            tmp_path, "abc", stable, canary, redis, weight=None, guard=guard, rollout=rollout
+        ) as replicas,
+        open_session() as session,
+    ):
+        loads = [Traffic(replica.url, 2, 100.0) for replica in replicas]
+        for load in loads:
+            load.start()
+        try:
+            await all_connected(session, replicas)
+
+            async def holders() -> list[ProxyProcess]:
+                documents = [await status_of(session, r) for r in replicas]
+                return [
+                    r
+                    for r, d in zip(replicas, documents, strict=True)
+                    if d["cluster"]["ramp_lease"]
+                ]
+
+            async def one_holder() -> bool:
+                return len(await holders()) == 1
+
+            await eventually(one_holder, within=5.0)
+            (holder,) = await holders()
+            await until_state(session, holder, "progressing", within=3.0)
+            holder.process.send_signal(signal.SIGKILL)
+            await holder.process.wait()
+            killed = time.time()
+            survivors = [r for r in replicas if r is not holder]
+
+            async def taken_over() -> bool:
+                documents = [await status_of(session, r) for r in survivors]
+                return sum(bool(d["cluster"]["ramp_lease"]) for d in documents) == 1
+
+            await eventually(taken_over, within=10.0)
+            assert time.time() - killed <= 5.0  # the contract: within the lease's TTL (<= 5 s)
+            for replica in survivors:
+                await until_state(session, replica, "promoted", within=15.0)
+        finally:
+            for load in loads:
+                with contextlib.suppress(TimeoutError):
+                    await load.finish()
+
+
+# -- workers and a password --------------------------------------------------------------------
+
+
+async def test_with_worker_processes_the_supervisor_is_the_replica_and_every_worker_obeys(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(tmp_path, "a", stable, canary, redis, workers=2) as (a,),
+        running_fleet(tmp_path, "b", stable, canary, redis) as (b,),
+        open_session() as session,
+    ):
+        await all_connected(session, (a, b))
+        assert len((await status_of(session, a))["workers"]) == 2
+        status, _ = await admin(session, b, "POST", "/routes/shop/abort", {"reason": "b says"})
+        assert status == 200
+        await until_state(session, a, "aborted", within=3.0)
+        # Many connections: the kernel spreads them over both workers.
+        async with open_session(force_close=True) as fresh:
+            seen = {v for _, v in await versions(fresh, a, 60, force="always")}
+        assert seen == {"stable"}
+
+
+async def test_a_password_from_the_environment_lets_a_replica_in_and_a_wrong_one_does_not(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    variable = "CANARY_PROXY_TEST_REDIS_PASSWORD"
+    async with running_redis(tmp_path, password="s3cret") as redis, open_session() as session:
+        right = replica_config(tmp_path, "a", stable, canary, redis, password_env=variable)
+        wrong = replica_config(tmp_path, "b", stable, canary, redis, password_env=variable)
+        async with (
+            running_proxy(right, token=TOKEN, env={**os.environ, variable: "s3cret"}) as a,
+            running_proxy(wrong, token=TOKEN, env={**os.environ, variable: "nope"}) as b,
+        ):
+            await all_connected(session, (a,))
+            assert not await connected(session, b)
+            # Cut off, b still serves, from its own state.
+            assert {s for s, _ in await versions(session, b, 20)} == {200}
+            assert "redis" in b.logged().lower()
+            assert "s3cret" not in a.logged() + b.logged()
+
+
+async def test_two_processes_with_one_replica_id_are_told_so(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    async with running_redis(tmp_path) as redis, open_session() as session:
+        first = replica_config(tmp_path, "a", stable, canary, redis)
+        twin = tmp_path / "twin"
+        twin.mkdir()
+        (twin / "proxy.yaml").write_text(first.read_text())
+        async with (
+            running_proxy(first, token=TOKEN) as a,
+            running_proxy(twin / "proxy.yaml", token=TOKEN) as b,
+        ):
+            await all_connected(session, (a, b))
+
+            def told() -> bool:
+                return "another process also runs as replica 'a'" in a.logged() + b.logged()
+
+            await eventually(told, within=5.0)

@@ -1250,3 +1250,9 @@ def test_a_cluster_name_is_part_of_redis_keys_and_must_be_plain() -> None:
     data = minimal()
     data["cluster"] = {"redis": "redis://r", "name": "shop edge"}
     assert problems(data) == [("cluster.name", "must match [A-Za-z0-9_.-]+")]
+
+
+def test_a_cluster_that_is_not_a_mapping_is_one_problem() -> None:
+    data = minimal()
+    data["cluster"] = "redis://127.0.0.1:6379"
+    assert problems(data) == [("cluster", "must be a mapping")]
