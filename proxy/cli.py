@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -192,7 +193,14 @@ def _percent(text: str) -> float:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from proxy.client import AdminError, call, format_reload, format_status, route_path
+    from proxy.client import (
+        AdminError,
+        call,
+        format_cluster,
+        format_reload,
+        format_status,
+        route_path,
+    )
 
     token = args.token or os.environ.get("CANARY_PROXY_ADMIN_TOKEN")
     try:
@@ -203,8 +211,13 @@ def _admin(args: argparse.Namespace) -> int:
             if args.route:
                 print(format_status([call(args.admin, "GET", route_path(args.route))]))
             else:
-                routes = call(args.admin, "GET", "/status").get("routes")
+                document = call(args.admin, "GET", "/status")
+                routes = document.get("routes")
                 print(format_status(routes if isinstance(routes, list) else []))
+                cluster = document.get("cluster")
+                if isinstance(cluster, dict):
+                    print()
+                    print(format_cluster(cluster, time.time()))
             return EXIT_OK
         path, body = _verb_request(args, route_path)
         method = "PUT" if args.command == "set-weight" else "POST"

@@ -106,9 +106,11 @@ def route_path(route: str, verb: str = "") -> str:
 
 
 def format_status(routes: Sequence[Mapping[str, object]]) -> str:
-    """A table: one row per route, the columns an operator looks at first."""
-    header = ("ROUTE", "STATE", "WEIGHT", "STEP", "REVISION", "CANARY ERR", "REASON")
-    rows = [header]
+    """A table: one row per route, the columns an operator looks at first (in a fleet, the
+    canary errors in the fleet's window too)."""
+    fleet = any(route.get("fleet_window") is not None for route in routes)
+    header = ("ROUTE", "STATE", "WEIGHT", "STEP", "REVISION", "CANARY ERR")
+    rows = [(*header, *(("FLEET ERR",) if fleet else ()), "REASON")]
     for route in routes:
         rows.append(
             (
@@ -118,10 +120,41 @@ def format_status(routes: Sequence[Mapping[str, object]]) -> str:
                 _step(route.get("step")),
                 str(route.get("revision") or "-"),
                 _canary_errors(route.get("window")),
+                *((_canary_errors(route.get("fleet_window")),) if fleet else ()),
                 str(route.get("reason") or ""),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return _table(rows)
+
+
+def format_cluster(cluster: Mapping[str, object], now: float) -> str:
+    """The fleet as this replica sees it: its Redis link, and each replica with when it was
+    last heard from (`now`: wall clock) and the rollout version it applied per route."""
+    link = "connected" if cluster.get("connected") else "NOT CONNECTED to Redis (degraded)"
+    lease = ", holds the ramp lease" if cluster.get("ramp_lease") else ""
+    lines = [
+        f"cluster {cluster.get('name')}: {link} (this replica: {cluster.get('replica')}{lease})"
+    ]
+    replicas = cluster.get("replicas")
+    rows: list[tuple[str, ...]] = [("REPLICA", "LAST SEEN", "APPLIED")]
+    for replica in replicas if isinstance(replicas, list) else []:
+        seen = replica.get("last_seen")
+        applied = replica.get("applied_version")
+        rows.append(
+            (
+                str(replica.get("id")),
+                f"{max(0.0, now - seen):.1f}s ago" if isinstance(seen, int | float) else "-",
+                " ".join(f"{k}={v}" for k, v in sorted(applied.items()))
+                if isinstance(applied, dict) and applied
+                else "-",
+            )
+        )
+    return "\n".join([*lines, _table(rows)])
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last one (free text) is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
