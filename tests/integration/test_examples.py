@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -57,6 +58,7 @@ DASHBOARD: Final = CONFIG / "grafana-dashboard.json"
 ALERTS: Final = CONFIG / "alerts.yaml"
 ALERT_TESTS: Final = CONFIG / "alerts.test.yaml"
 KUBERNETES: Final = CONFIG / "kubernetes.yaml"
+KUBERNETES_FLEET: Final = CONFIG / "kubernetes-fleet.yaml"
 CONFIG_FILES: Final = (CONFIG / "proxy.yaml", *sorted(EXAMPLES.glob("*.yaml")))
 
 PROMTOOL: Final = shutil.which("promtool")
@@ -286,10 +288,10 @@ async def reload(session: aiohttp.ClientSession, proxy: ProxyProcess) -> None:
 # -- kubernetes.yaml ----------------------------------------------------------------------------
 
 
-def kubernetes_objects() -> dict[str, list[Document]]:
+def kubernetes_objects(path: Path = KUBERNETES) -> dict[str, list[Document]]:
     """The manifest's objects by kind."""
     objects: dict[str, list[Document]] = {}
-    for document in yaml.safe_load_all(KUBERNETES.read_text()):
+    for document in yaml.safe_load_all(path.read_text()):
         if document is not None:
             objects.setdefault(document["kind"], []).append(document)
     return objects
@@ -405,6 +407,53 @@ def test_the_kubernetes_deployment_fits_its_config() -> None:
     # SIGTERM: the preStop sleep and the drain fit in the grace period.
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert sleep + config.timeouts.shutdown < pod["terminationGracePeriodSeconds"]
+
+
+def test_the_kubernetes_fleet_runs_three_replicas_that_share_the_redis_it_runs(
+    tmp_path: Path,
+) -> None:
+    objects = kubernetes_objects(KUBERNETES_FLEET)
+    replicas = one(objects, "StatefulSet")
+    assert replicas["spec"]["replicas"] == 3
+    pod = replicas["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["run", "--config", "/etc/canary-proxy/proxy.yaml"]
+    _, volume = mounted_volume(pod, container, "/etc/canary-proxy/proxy.yaml")
+    text = one(objects, "ConfigMap", volume["configMap"]["name"])["data"]["proxy.yaml"]
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    result = check(path)
+    assert (result.returncode, result.stdout.strip()) == (0, "OK"), result.stderr
+    config = parse_config_text(text, base_dir="/etc/canary-proxy")
+    assert config.cluster is not None
+    assert config.cluster.replica == "auto"  # the pod's host name: stable in a StatefulSet
+
+    # The Redis the config names is the one the manifest runs, with the password it sets.
+    host = urlsplit(config.cluster.redis).hostname
+    assert host is not None
+    service = one(objects, "Service", host.split(".")[0])
+    redis = one(objects, "Deployment", "canary-proxy-redis")
+    redis_pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= redis_pod["metadata"]["labels"].items()
+    (redis_container,) = redis_pod["spec"]["containers"]
+    assert container_port(redis_container, service["spec"]["ports"][0]["targetPort"]) == (
+        urlsplit(config.cluster.redis).port
+    )
+    proxy_env = {e["name"]: e for e in container["env"]}
+    redis_env = {e["name"]: e for e in redis_container["env"]}
+    assert config.cluster.redis_password_env is not None
+    assert (
+        proxy_env[config.cluster.redis_password_env]["valueFrom"]
+        == redis_env["REDIS_PASSWORD"]["valueFrom"]
+    )
+    assert "$(REDIS_PASSWORD)" in redis_container["args"]
+
+    # Each replica its own state_dir: a claim per pod.
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == config.state_dir]
+    claims = {c["metadata"]["name"] for c in replicas["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] in claims
+    governing = one(objects, "Service", replicas["spec"]["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
 
 
 async def test_the_kubernetes_config_serves_its_probes_on_0000_only_with_the_secret_token(
