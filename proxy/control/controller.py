@@ -25,7 +25,7 @@ from proxy.core import rollout
 from proxy.core.config import Guard, Route
 from proxy.core.guard import Assessment, assess
 from proxy.core.rollout import RolloutState, Transition
-from proxy.core.vocabulary import RollbackReason
+from proxy.core.vocabulary import CANARY, RollbackReason
 from proxy.core.window import SlidingWindow, Tally, TallyCounts, Tee, WindowCounts
 from proxy.dataplane.outcomes import Recorder, VersionStats
 from proxy.dataplane.runtime import RouteState
@@ -389,7 +389,7 @@ class Controller:
         revision = live.route.canary.revision if live.route.canary else None
         if state.revision != revision:
             return False
-        canary_requests = self.recorder.stats_for(name, "canary").requests
+        canary_requests = self.recorder.stats_for(name, CANARY).requests
         state = replace(state, step_base_requests=canary_requests)
         self.aborted_revisions[name] = set(aborted_revisions)
         if event is not None:
