@@ -393,7 +393,9 @@ class Controller:
         state = replace(state, step_base_requests=canary_requests)
         self.aborted_revisions[name] = set(aborted_revisions)
         if event is not None:
-            self._unwritten.append({**event, "time": _timestamp(state.updated)})
+            # `at` and `time` say when it was decided; `applied_at`, when it took effect here.
+            applied = {"time": _timestamp(state.updated), "applied_at": self.wall()}
+            self._unwritten.append({**event, **applied})
         # Like the guard's rollback: applied even if state_dir refuses it (retried each tick).
         self._write([], {name: state})
         restarts = live.rollout.state == "aborted" and state.state != "aborted"

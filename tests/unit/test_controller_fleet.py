@@ -62,7 +62,9 @@ def test_a_pooled_route_records_for_its_window_and_for_the_fleet() -> None:
 def test_the_fleets_decision_is_applied_and_written_with_the_replica_that_made_it(
     tmp_path: Path,
 ) -> None:
-    holder = RuntimeHolder(guarded(), store=StateStore(str(tmp_path)))
+    holder = RuntimeHolder(
+        guarded(), store=StateStore(str(tmp_path)), wall=lambda: 1_800_000_000.25
+    )
     live = holder.current.routes["shop"].state
     state, transition = rollout.abort(live.route, live.rollout, 1_800_000_000.0, "elsewhere")
     assert transition is not None
@@ -78,6 +80,7 @@ def test_the_fleets_decision_is_applied_and_written_with_the_replica_that_made_i
         "b",
         "2027-01-15T08:00:00Z",
     )
+    assert last["applied_at"] == 1_800_000_000.25  # decided at `at`, applied here then
 
 
 def test_a_fleet_decision_about_another_revision_or_route_is_not_applied() -> None:
