@@ -98,7 +98,7 @@ def run(
                     stable_port=upstream.port,
                     canary_port=canary.port,
                 )
-                _switch(canary.port, "heal")
+                switch(canary.port, "heal")
                 smoke_check(proxy, scenario)
                 result = asyncio.run(_one(proxy, canary, audit, rate=rate, repeat=repeat))
                 ensure_alive(proxy.process)
@@ -159,13 +159,13 @@ async def _one(
     try:
         await asyncio.sleep(GUARD_WINDOW_SECONDS)  # one full window of healthy traffic
         early = _rollback_event(audit)
-        t0 = await asyncio.to_thread(_switch, canary.port, "fail")
+        t0 = await asyncio.to_thread(switch, canary.port, "fail")
         event = early or await _watch(audit)
         await asyncio.sleep(TAIL_SECONDS)
     finally:
         load.stop()
         outcomes = await task
-        await asyncio.to_thread(_switch, canary.port, "heal")
+        await asyncio.to_thread(switch, canary.port, "heal")
     return _result(rate, repeat, t0, event, outcomes, late=load.late, started=load.started)
 
 
@@ -198,7 +198,7 @@ def _rollback_event(audit: Path) -> dict[str, object] | None:
     return None
 
 
-def _switch(port: int, verb: str) -> float:
+def switch(port: int, verb: str) -> float:
     """Flip the fake canary; returns the wall-clock instant it took effect."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=SWITCH_TIMEOUT_SECONDS)
     try:

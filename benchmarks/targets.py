@@ -154,7 +154,7 @@ def start_canary_proxy(
         workers=placement.workers,
     )
     config = _write(home / "proxy.yaml", yaml)
-    return _start_proxy_process(
+    return start_proxy_process(
         stack,
         host,
         home=home,
@@ -166,7 +166,7 @@ def start_canary_proxy(
     )
 
 
-def _start_proxy_process(
+def start_proxy_process(
     stack: ExitStack,
     host: Host,
     *,
@@ -280,7 +280,7 @@ def start_guarded_proxy(
         workers=placement.workers,
     )
     config = _write(home / "proxy.yaml", yaml)
-    target = _start_proxy_process(
+    target = start_proxy_process(
         stack, host, home=home, config=config, port=port, placement=placement
     )
     return target, home / "state" / "audit.jsonl"
