@@ -15,8 +15,8 @@
   canary-proxy without a `cluster` section and one with it (and a Redis), in alternating
   rounds; the ratio of their medians.
 
-Pinning as in run.py: the load (this process, wrk) and the upstream on core 0; the proxies,
-the fake canary's work aside, and Redis on core 1. Needs redis-server, nginx and wrk.
+Pinning as in run.py: the load (this process, wrk), the upstream and the fake canary on core
+0; the proxies and Redis on core 1. Needs redis-server, nginx and wrk.
 """
 
 from __future__ import annotations
