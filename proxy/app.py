@@ -14,7 +14,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -42,17 +42,16 @@ class Proxy:
         config_path: str | None,
         workers: int = 1,
         fleet: Fleet | None = None,
-        seed: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
-        """`fleet`: this replica's link to the others (config.cluster), and `seed`, the fleet's
-        route states it read before serving (None: Redis did not answer; state_dir's hold)."""
+        """`fleet`: this replica's link to the others (config.cluster), with the fleet's route
+        states it read before serving (`Fleet.seed`)."""
         self.config = config
         self.workers = workers
         self.fleet = fleet
         self.token = load_token(config.admin)
         check_exposure(config.admin, self.token)
         self.store = (
-            StateStore(config.state_dir) if not seed else SeededStore(config.state_dir, seed)
+            StateStore(config.state_dir) if fleet is None else SeededStore(config.state_dir, fleet)
         )
         try:
             self.store.ensure()
@@ -207,12 +206,12 @@ def raise_open_file_limit(max_connections: int) -> None:
 async def serve(config: Config, *, config_path: str | None, workers: int = 1) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     raise_open_file_limit(config.limits.max_connections)
-    fleet = seed = None
+    fleet = None
     if config.cluster is not None:
         fleet = Fleet(config.cluster, replica_id(config))
         # The fleet's state before serving (a replica that restarts after kill -9 included).
-        seed = await fleet.seed(route.name for route in config.routes)
-    proxy = Proxy(config, config_path=config_path, workers=workers, fleet=fleet, seed=seed)
+        await fleet.seed(route.name for route in config.routes)
+    proxy = Proxy(config, config_path=config_path, workers=workers, fleet=fleet)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before starting: a SIGTERM while workers start is a graceful stop, not a death.

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from time import monotonic
 from typing import Final
@@ -374,11 +374,14 @@ class Controller:
         name: str,
         state: RolloutState,
         aborted_revisions: Iterable[str],
-        event: dict[str, object] | None,
+        event: Mapping[str, object] | None,
+        replica: str,
     ) -> bool:
-        """Another replica's decision: applied and written here like one of ours (its event
-        names the replica). False if it is about a canary revision this config does not run
-        (a fleet in the middle of a config change): each replica follows its own config then.
+        """Another replica's decision: applied and written here like one of ours, its event
+        naming the `replica` that decided (a record without an event, a state a replica wrote
+        back into the fleet, is audited as taken from it). False if it is about a canary
+        revision this config does not run (a fleet in the middle of a config change): each
+        replica follows its own config then.
 
         A ramp's dwell counts canary requests from here on, on this process's counter: the
         deciding replica's counter means nothing here.
@@ -392,10 +395,26 @@ class Controller:
         canary_requests = self.recorder.stats_for(name, CANARY).requests
         state = replace(state, step_base_requests=canary_requests)
         self.aborted_revisions[name] = set(aborted_revisions)
+        if event is None and (state.state, state.weight_bp) != (
+            live.rollout.state,
+            live.rollout.weight_bp,
+        ):
+            taken = Transition(
+                route=name,
+                actor="config",
+                action="restore",
+                before=live.rollout.state,
+                after=state.state,
+                weight_before_bp=live.rollout.weight_bp,
+                weight_after_bp=state.weight_bp,
+                reason=f"taken from the fleet: {state.reason}",
+                at=state.updated,
+            )
+            event = taken.to_dict()
         if event is not None:
             # `at` and `time` say when it was decided; `applied_at`, when it took effect here.
             applied = {"time": _timestamp(state.updated), "applied_at": self.wall()}
-            self._unwritten.append({**event, **applied})
+            self._unwritten.append({**event, "replica": replica, **applied})
         # Like the guard's rollback: applied even if state_dir refuses it (retried each tick).
         self._write([], {name: state})
         restarts = live.rollout.state == "aborted" and state.state != "aborted"

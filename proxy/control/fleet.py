@@ -51,6 +51,7 @@ from proxy.core.fleet import (
     decision,
     increments,
     is_newer,
+    keep_own,
     lease_held,
     offline_refusal,
     pool,
@@ -155,12 +156,12 @@ class Pending:
 class SeededStore(StateStore):
     """state_dir, with the fleet's records (read from Redis at start) over its own."""
 
-    def __init__(self, state_dir: str, seed: Mapping[str, Mapping[str, object]]) -> None:
+    def __init__(self, state_dir: str, fleet: Fleet) -> None:
         super().__init__(state_dir)
-        self.seed = dict(seed)
+        self.fleet = fleet
 
     def load(self) -> dict[str, Mapping[str, object]]:
-        return {**super().load(), **self.seed}
+        return self.fleet.over_saved(super().load())
 
 
 class LagHistogram:
@@ -200,6 +201,7 @@ class Fleet:
         self._release = self.client.register_script(_RELEASE)
         self.controller: Controller | None = None
         self.applied: dict[str, int] = {}  # route: the fleet version applied here
+        self.seeded: dict[str, tuple[int, Decision]] = {}  # read before serving
         self.pending: dict[str, Pending] = {}
         self.since: dict[str, float] = {}  # route: pooled evidence before this (wall) is old
         self.replicas: list[dict[str, object]] = []
@@ -222,9 +224,9 @@ class Fleet:
 
     # -- start and stop ----------------------------------------------------------------------
 
-    async def seed(self, routes: Iterable[str]) -> dict[str, Mapping[str, object]] | None:
-        """The fleet's record of each route, read before serving (None: Redis did not answer
-        within SEED_SECONDS, and the replica starts from its state_dir)."""
+    async def seed(self, routes: Iterable[str]) -> None:
+        """Read the fleet's record of each route before serving (`over_saved` puts them over
+        state_dir's). Redis silent for SEED_SECONDS: the replica starts from its state_dir."""
         names = list(routes)
         try:
             async with asyncio.timeout(SEED_SECONDS):
@@ -235,20 +237,38 @@ class Fleet:
                 self.cluster.name,
                 _describe(error),
             )
-            return None
-        seeded: dict[str, Mapping[str, object]] = {}
+            return
         for name, (version, record) in zip(names, replies, strict=True):
-            if version is None or record is None:
-                continue
+            if version is not None and record is not None:
+                self.seeded[name] = (version, record)
+
+    def over_saved(self, saved: dict[str, Mapping[str, object]]) -> dict[str, Mapping[str, object]]:
+        """state_dir's records with the fleet's over them, except where this replica keeps
+        its own (an abort made while cut off from the fleet: `keep_own`), which it writes to
+        the fleet once connected."""
+        merged = dict(saved)
+        for name, (version, record) in self.seeded.items():
+            own = _rollout_state(saved.get(name))
+            if own is not None and keep_own(own, record):
+                log.warning(
+                    "cluster %s: route %s: keeping this replica's abort, made after the fleet's"
+                    " last decision, and writing it to the fleet: %s",
+                    self.cluster.name,
+                    name,
+                    own.reason,
+                )
+                continue  # not synced yet: the catch-up on connecting publishes it
             self.applied[name] = version
-            seeded[name] = {
+            merged[name] = {
                 **record.state.to_dict(),
                 ABORTED_REVISIONS_KEY: list(record.aborted_revisions),
             }
         log.info(
-            "cluster %s: took the fleet's state of %d route(s)", self.cluster.name, len(seeded)
+            "cluster %s: took the fleet's state of %d route(s)",
+            self.cluster.name,
+            len(self.applied),
         )
-        return seeded
+        return merged
 
     def attach(self, controller: Controller) -> None:
         self.controller = controller
@@ -460,11 +480,21 @@ class Fleet:
             return
         names = list(controller.live)
         for name, (version, record) in zip(names, await self._read_records(names), strict=True):
+            if name not in self.applied and version is not None and record is not None:
+                # Never synced (started without Redis, or kept its own at start-up): an abort
+                # made meanwhile goes to the fleet rather than being overwritten.
+                own = controller.live[name].rollout
+                if keep_own(own, record) and name not in self.pending:
+                    self.pending[name] = Pending(version, self._current(name))
+                    self.applied[name] = version
+                    continue
             applied = self.applied.get(name, 0)
             if version is None or record is None or version < applied:
                 # Redis lost what we applied (it restarted empty): our state is the fleet's
                 # best knowledge, so it goes back in (the replicas race; `resolve` settles it).
-                if applied > 0 and name not in self.pending:
+                # A replica that never synced offers only an abort it made meanwhile.
+                offer = applied > 0 or controller.live[name].aborted
+                if offer and name not in self.pending:
                     self.pending[name] = Pending(version or 0, self._current(name))
                 elif name in self.pending:
                     self.pending[name] = Pending(version or 0, self.pending[name].decision)
@@ -475,12 +505,13 @@ class Fleet:
     def _current(self, name: str) -> Decision:
         controller = self.controller
         assert controller is not None
+        state = controller.live[name].rollout
         return decision(
-            controller.live[name].rollout,
+            state,
             None,
             controller.aborted_revisions.get(name, ()),
             origin=self.replica,
-            now=time.time(),
+            now=state.updated,  # when it was decided, for `resolve`
         )
 
     def _arrived(self, name: str, version: int, record: Decision | bytes) -> None:
@@ -517,8 +548,9 @@ class Fleet:
         self.applied[name] = version
         if record.action in ("start", "new_revision", "retry"):
             self.since[name] = record.decided_at
-        event = None if record.event is None else {**record.event, "replica": record.origin}
-        if controller.follow_fleet(name, record.state, record.aborted_revisions, event):
+        if controller.follow_fleet(
+            name, record.state, record.aborted_revisions, record.event, record.origin
+        ):
             self.lag.observe(max(0.0, time.time() - record.decided_at))
 
     # -- heartbeat and lease -----------------------------------------------------------------
@@ -700,6 +732,13 @@ def _decoded(name: str, version: int, text: object) -> tuple[int, Decision] | No
         return version, Decision.decode(text)
     except ValueError as error:
         log.error("route %s: ignoring fleet record version %d: %s", name, version, error)
+        return None
+
+
+def _rollout_state(record: object) -> RolloutState | None:
+    try:
+        return RolloutState.from_dict(record)
+    except ValueError:
         return None
 
 

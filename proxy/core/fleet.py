@@ -162,6 +162,19 @@ def resolve(
     return "publish"
 
 
+def keep_own(own: RolloutState, fleet: Decision) -> bool:
+    """Whether a replica that has not yet synced with the fleet (it starts, or it started while
+    the store was unreachable) keeps its own saved state over the fleet's record, and writes
+    it to the fleet: only an abort of the same canary made after the fleet's last decision (a
+    rollback it made while cut off, then restarted). Anything else, the fleet's record wins."""
+    return (
+        own.state == "aborted"
+        and not fleet.aborted
+        and own.revision == fleet.state.revision
+        and own.updated > fleet.decided_at
+    )
+
+
 def lease_held(renewed_at: float | None, ttl: float, now: float) -> bool:
     """Whether a replica may still act as the lease holder at `now` (monotonic seconds), given
     when it sent the last renewal the store accepted; None: it holds no lease."""

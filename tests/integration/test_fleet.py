@@ -633,3 +633,37 @@ async def test_two_processes_with_one_replica_id_are_told_so(
                 return "another process also runs as replica 'a'" in a.logged() + b.logged()
 
             await eventually(told, within=5.0)
+
+
+@pytest.mark.slow
+async def test_an_abort_made_while_redis_was_away_survives_a_restart_and_wins_on_reconnect(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(tmp_path, "a", stable, canary, redis) as (a,),
+        open_session() as session,
+    ):
+        config_b = replica_config(tmp_path, "b", stable, canary, redis)
+        async with running_proxy(config_b, token=TOKEN) as b:
+            await all_connected(session, (a, b))
+            await redis.kill()
+            await eventually(lambda: _disconnected(session, (a, b)), within=5.0)
+            status, _ = await admin(session, b, "POST", "/routes/shop/abort", {"reason": "cut"})
+            assert status == 200
+            b.process.send_signal(signal.SIGKILL)
+            await b.process.wait()
+        async with running_proxy(config_b, token=TOKEN) as b:  # Redis still away
+            assert (await route_of(session, b))["state"] == "aborted"  # from its state_dir
+            assert (await route_of(session, a))["state"] == "steady"
+            await redis.start()  # empty: it kept nothing
+            await until_state(session, a, "aborted", within=CONVERGE_SECONDS)
+            await eventually(lambda: _all_connected(session, (a, b)), within=CONVERGE_SECONDS)
+            assert (await route_of(session, b))["state"] == "aborted"
+            taken = audit(a)[-1]
+            assert (taken["action"], taken["after"], taken["replica"]) == (
+                "restore",
+                "aborted",
+                "b",
+            )
+            assert taken["reason"] == "taken from the fleet: admin: cut"

@@ -68,8 +68,7 @@ def test_the_fleets_decision_is_applied_and_written_with_the_replica_that_made_i
     live = holder.current.routes["shop"].state
     state, transition = rollout.abort(live.route, live.rollout, 1_800_000_000.0, "elsewhere")
     assert transition is not None
-    event = {**transition.to_dict(), "replica": "b"}
-    assert holder.controller.follow_fleet("shop", state, ["v2"], event)
+    assert holder.controller.follow_fleet("shop", state, ["v2"], transition.to_dict(), "b")
     assert live.aborted
     assert live.weight_bp == 0
     saved = json.loads((tmp_path / "state.json").read_text())["routes"]["shop"]
@@ -87,8 +86,8 @@ def test_a_fleet_decision_about_another_revision_or_route_is_not_applied() -> No
     holder = RuntimeHolder(guarded())
     live = holder.current.routes["shop"].state
     other = replace(live.rollout, revision="v9", weight_bp=5000)
-    assert not holder.controller.follow_fleet("shop", other, [], None)
-    assert not holder.controller.follow_fleet("cart", live.rollout, [], None)
+    assert not holder.controller.follow_fleet("shop", other, [], None, "b")
+    assert not holder.controller.follow_fleet("cart", live.rollout, [], None, "b")
     assert live.weight_bp == 1000
 
 
@@ -96,11 +95,11 @@ def test_a_retry_from_the_fleet_starts_the_windows_afresh() -> None:
     holder = RuntimeHolder(guarded())
     live = holder.current.routes["shop"].state
     aborted, _ = rollout.abort(live.route, live.rollout, 1.0, "x")
-    holder.controller.follow_fleet("shop", aborted, ["v2"], None)
+    holder.controller.follow_fleet("shop", aborted, ["v2"], None, "b")
     epoch = live.epoch
     retried, transition = rollout.retry(live.route, aborted, 2.0, canary_requests=0)
     assert transition is not None
-    holder.controller.follow_fleet("shop", retried, [], transition.to_dict())
+    holder.controller.follow_fleet("shop", retried, [], transition.to_dict(), "b")
     assert live.epoch != epoch
     assert (live.weight_bp, live.aborted) == (1000, False)
 
@@ -132,3 +131,16 @@ def test_without_the_lease_a_ramp_holds_and_the_guard_still_judges() -> None:
     holder.controller.may_ramp = lambda: True
     holder.controller.tick(holder.canary_stats)  # its interval is over: the holder decides
     assert live.rollout.reason.startswith("held at step 1/2")  # (no canary traffic yet)
+
+
+def test_a_state_written_back_into_the_fleet_is_audited_as_taken_from_it(tmp_path: Path) -> None:
+    holder = RuntimeHolder(guarded(), store=StateStore(str(tmp_path)))
+    live = holder.current.routes["shop"].state
+    aborted, _ = rollout.abort(live.route, live.rollout, 1_800_000_000.0, "cut off")
+    assert holder.controller.follow_fleet("shop", aborted, ["v2"], None, "b")
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert (last["action"], last["after"], last["replica"]) == ("restore", "aborted", "b")
+    assert last["reason"] == "taken from the fleet: admin: cut off"
+    lines = len((tmp_path / "audit.jsonl").read_text().splitlines())
+    assert holder.controller.follow_fleet("shop", aborted, ["v2"], None, "c")  # no change
+    assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == lines

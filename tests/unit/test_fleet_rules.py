@@ -14,6 +14,7 @@ from proxy.core.fleet import (
     decision,
     increments,
     is_newer,
+    keep_own,
     lease_held,
     offline_refusal,
     pool,
@@ -184,6 +185,24 @@ def test_an_abort_of_one_revision_does_not_touch_a_record_about_another() -> Non
     other = _route(revision="v3")
     record = _decided(rollout.pause(other, rollout.initial(other, T0), T0 + 9), T0 + 9)
     assert resolve(pending=_abort(), fleet=(4, record), base=3) == "adopt"
+
+
+# -- start-up: the fleet's record, or our own? ---------------------------------------------------
+
+
+def test_a_replica_that_aborted_while_cut_off_keeps_its_abort_at_start_up() -> None:
+    step = _promote(T0 + 5)
+    mine = _abort(T0 + 30).state
+    assert keep_own(mine, step)
+
+
+def test_otherwise_a_starting_replica_takes_the_fleets_record() -> None:
+    assert not keep_own(_abort(T0 + 1).state, _promote(T0 + 5))  # the fleet decided after it
+    assert not keep_own(_abort(T0 + 30).state, _abort(T0 + 5))  # aborted there too
+    assert not keep_own(START, _abort(T0 + 5))  # ours is no abort
+    other = _route(revision="v3")
+    theirs = _decided(rollout.pause(other, rollout.initial(other, T0), T0 + 2), T0 + 2)
+    assert not keep_own(_abort(T0 + 30).state, theirs)  # about another canary
 
 
 # -- the ramp lease -------------------------------------------------------------------------------
