@@ -235,7 +235,7 @@ async def test_an_abort_on_one_replica_reaches_the_others_within_a_second_and_th
 
         assert max(reached) - decided <= REACH_SECONDS, [t - decided for t in reached]
         for replica in (b, c):
-            # Everyone goes to stable now, even a user forced to the canary (DESIGN.md §4).
+            # Everyone goes to stable now, even a user forced to the canary (docs/semantics.md).
             assert {v for _, v in await versions(session, replica, 40)} == {"stable"}
             assert {v for _, v in await versions(session, replica, 8, force="always")} == {"stable"}
             # Written to its own state_dir and audit log, saying which replica decided.
