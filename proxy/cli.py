@@ -63,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--scenario",
-        choices=("failing", "healthy"),
+        choices=("failing", "healthy", "fleet"),
         default="failing",
         help="failing: the canary breaks at 50 %% and is rolled back (default); "
-        "healthy: it ramps to 100 %% and is promoted",
+        "healthy: it ramps to 100 %% and is promoted; fleet: three replicas share one rollout "
+        "through Redis (needs redis-server), the canary fails behind one of them and all three "
+        "roll back (--duration does not apply)",
     )
     demo.add_argument(
         "--duration",
@@ -163,6 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from proxy.demo import plan_story, run_demo
+
+    if args.scenario == "fleet":
+        from proxy.demo_fleet import run_fleet_demo
+
+        return run_fleet_demo(rate=args.rate, out=sys.stdout)
 
     try:
         plan = plan_story(args.scenario, duration=args.duration, rate=args.rate)

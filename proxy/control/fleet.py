@@ -395,7 +395,8 @@ class Fleet:
                 case _:
                     assert fleet is not None
                     self._settle(name, pending, None)
-                    self._adopt(name, *fleet)
+                    if is_newer(self.applied.get(name, 0), fleet[0]):  # not applied meanwhile
+                        self._adopt(name, *fleet)
                     return
         log.error(
             "cluster %s: route %s: gave up writing a decision after 8 races",
@@ -529,6 +530,7 @@ class Fleet:
             self.applied[name] = version
             if pending is not None and pending.decision == record:
                 del self.pending[name]
+                self._published.set()
             return
         if pending is not None:
             if (
@@ -540,6 +542,7 @@ class Fleet:
                 self._wake_publisher()
                 return
             del self.pending[name]
+            self._published.set()
         self._adopt(name, version, record)
 
     def _adopt(self, name: str, version: int, record: Decision) -> None:

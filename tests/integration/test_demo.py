@@ -4,6 +4,7 @@ failure, the rollback and its numbers, or the promotion; clean shutdown; usage e
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,26 @@ def test_bad_demo_options_are_a_usage_error_with_exit_2(options: tuple[str, ...]
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
     assert result.stderr.strip()
+
+
+# -- the fleet ----------------------------------------------------------------------------------
+
+ROLLED_BACK: Final = re.compile(
+    r"^\[[\d. ]+s\]   (?P<replica>edge-\d): weight 0 % +(?P<ms>\d+) ms after the first failure"
+    r" \((?P<how>[^)]*)\)",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_fleet_story_rolls_back_every_replica_and_prints_each_ones_time() -> None:
+    run = watch_demo("--scenario", "fleet", "--rate", "300")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stderr == ""
+    rows = {m["replica"]: m for m in ROLLED_BACK.finditer(run.stdout)}
+    assert set(rows) == {"edge-1", "edge-2", "edge-3"}, run.stdout
+    # The failure was behind edge-1 only: its guard decided, the others applied its decision.
+    assert rows["edge-1"]["how"] == "its own guard rolled back", run.stdout
+    assert rows["edge-2"]["how"] == rows["edge-3"]["how"] == "applied edge-1's rollback"
+    assert "requests the canary answered in the 1 s after: 0" in run.stdout
+    assert run.stdout.rstrip().endswith("every replica rolled back")
