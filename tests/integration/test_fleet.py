@@ -667,3 +667,28 @@ async def test_an_abort_made_while_redis_was_away_survives_a_restart_and_wins_on
                 "b",
             )
             assert taken["reason"] == "taken from the fleet: admin: cut"
+
+
+async def test_a_redis_that_hangs_blocks_no_request_and_the_replica_serves_degraded(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(tmp_path, "a", stable, canary, redis) as (a,),
+        open_session() as session,
+    ):
+        await all_connected(session, (a,))
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)  # alive, connected, answering nothing
+        try:
+            # Served while Redis still hangs: nothing on the request path waits for it.
+            assert {s for s, _ in await versions(session, a, 50)} == {200}
+            await eventually(lambda: _disconnected(session, (a,)), within=5.0)
+            status, document = await admin(session, a, "POST", "/routes/shop/promote?to=100")
+            assert status == 503, document
+            assert {s for s, _ in await versions(session, a, 50)} == {200}
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: _all_connected(session, (a,)), within=CONVERGE_SECONDS)
+        status, _ = await admin(session, a, "PUT", "/routes/shop/weight", {"weight": 60})
+        assert status == 200  # raising works again once Redis answers
