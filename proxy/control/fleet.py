@@ -299,7 +299,7 @@ class Fleet:
         if self.connected:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 async with asyncio.timeout(COMMAND_SECONDS):
-                    await self._publish_pending()
+                    await self.publish_pending()
                     await self._release(keys=[self.keys.lease], args=[self.replica])
                     await self.client.hdel(self.keys.replicas, self.replica)
         await self.client.aclose()
@@ -362,15 +362,16 @@ class Fleet:
                 continue  # the reconnect wakes this again
             try:
                 async with asyncio.timeout(COMMAND_SECONDS * 3):
-                    await self._publish_pending()
+                    await self.publish_pending()
             except CONNECTION_ERRORS as error:
                 self._lost(error)
             except Exception:
                 log.exception("cluster %s: publishing a decision failed", self.cluster.name)
             self._published.set()
 
-    async def _publish_pending(self) -> None:
-        # Aborts first: the decision that must not wait behind any other.
+    async def publish_pending(self) -> None:
+        """Write every decision of ours not yet in Redis (the background publisher's round).
+        Aborts first: the decision that must not wait behind any other."""
         for name in sorted(self.pending, key=lambda n: not self.pending[n].decision.aborted):
             pending = self.pending.get(name)
             if pending is not None:

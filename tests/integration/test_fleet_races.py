@@ -86,7 +86,7 @@ async def test_a_decision_taken_before_an_abort_never_overwrites_it(tmp_path: Pa
 
         act(b, "set_weight", weight_bp=5000)  # b never heard of the abort: version 0
         assert b.pending["shop"].base == 0
-        await b._publish_pending()
+        await b.publish_pending()
 
         version, fleet_record = await record(redis)
         assert (version, fleet_record.state.state) == (1, "aborted")  # refused, unchanged
@@ -106,7 +106,7 @@ async def test_an_abort_taken_on_an_older_version_still_goes_in(tmp_path: Path) 
         assert (await record(redis))[0] == 1
 
         act(b, "abort", reason="b saw it fail")  # on version 0
-        await b._publish_pending()
+        await b.publish_pending()
 
         version, fleet_record = await record(redis)
         assert (version, fleet_record.state.state, fleet_record.origin) == (2, "aborted", "b")
