@@ -3,13 +3,17 @@ keeps, and how the heartbeats and pooled slots read back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from configs import guarded
+from prometheus_client import CollectorRegistry, generate_latest
 
-from proxy.control.fleet import Fleet, Keys, _fields, _replicas
+from proxy.control.fleet import Fleet, FleetCollector, Keys, _fields, _replicas
 from proxy.core import rollout
 from proxy.core.config import Cluster
 from proxy.core.fleet import decision
@@ -73,3 +77,31 @@ def test_keys_are_under_the_clusters_prefix_and_slot_fields_read_as_numbers() ->
     assert keys.slot("shop", "v2", 42) == "canary-proxy:edge:window:shop:v2:42"
     assert keys.slot("shop", None, 42) == "canary-proxy:edge:window:shop::42"
     assert _fields({b"cr": b"12", b"ce": b"3"}) == {"cr": 12, "ce": 3}
+
+
+async def test_the_fleet_metrics_say_connected_replicas_and_lag_and_pass_promtool(
+    fleet: Fleet,
+) -> None:
+    fleet.lag.observe(0.02)
+    fleet.lag.observe(0.3)
+    fleet.replicas = [{"id": "a", "last_seen": time.time()}, {"id": "b", "last_seen": 1.0}]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet))
+    text = generate_latest(registry).decode()
+    assert "canary_proxy_cluster_connected 0.0" in text
+    assert "canary_proxy_cluster_replicas 1.0" in text  # b was last heard from long ago
+    assert 'canary_proxy_cluster_decision_lag_seconds_bucket{le="0.025"} 1.0' in text
+    assert "canary_proxy_cluster_decision_lag_seconds_count 2.0" in text
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        checker = await asyncio.create_subprocess_exec(
+            promtool,
+            "check",
+            "metrics",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(20):
+            said, _ = await checker.communicate(text.encode())
+        assert checker.returncode == 0, said.decode()
