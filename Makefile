@@ -42,8 +42,11 @@ unit: $(COMPILED)
 
 test: lint typecheck unit
 
+# `make demo SCENARIO=fleet` (or healthy): the demo's other stories.
+SCENARIO ?= failing
+
 demo: $(STAMP)
-	$(BIN)/canary-proxy demo
+	$(BIN)/canary-proxy demo --scenario $(SCENARIO)
 
 # The benchmark's extra (matplotlib, for its chart) on top of the test set-up; see benchmarks/.
 BENCH_STAMP := $(VENV)/.installed-bench
