@@ -100,6 +100,9 @@ class Controller:
         self._saved: dict[str, RolloutState] = {}
         # Canary revisions rolled back per route: a config that reverts to one stays aborted.
         self.aborted_revisions: dict[str, set[str]] = {}
+        # In a fleet: its latest record of a live route about a canary revision this config
+        # does not run yet; a reload to that revision takes it rather than starting afresh.
+        self._fleet_ahead: dict[str, RolloutState] = {}
         self._unwritten: list[dict[str, object]] = []  # decided, not yet on disk
         self._epochs = itertools.count(1)
         self._dirty = False
@@ -140,8 +143,16 @@ class Controller:
                 change = rollout.reconcile(
                     route, live.rollout, now, canary_requests=canary_requests
                 )
+            ahead = self._fleet_ahead.get(route.name)
+            taken = ahead is not None and ahead.revision == _revision(route)
+            if ahead is not None and taken:
+                change = _taken_from_fleet(route, live.rollout, ahead, now, canary_requests)
             change = self._refuse_reverts(route, change, now)
-            fresh = live.guard != route.guard or (change[1] is not None and _restarts(change[1]))
+            fresh = (
+                taken
+                or live.guard != route.guard
+                or (change[1] is not None and _restarts(change[1]))
+            )
             plans.append(Plan(live=live, route=route, change=change, fresh_windows=fresh))
         return plans
 
@@ -164,6 +175,12 @@ class Controller:
         names = {plan.route.name for plan in plans}
         left = {name: live.rollout for name, live in self.live.items() if name not in names}
         self._saved = {n: s for n, s in self._saved.items() if n not in names} | left
+        routes = {plan.route.name: plan.route for plan in plans}
+        self._fleet_ahead = {
+            name: state
+            for name, state in self._fleet_ahead.items()
+            if name in routes and state.revision != _revision(routes[name])
+        }
         self._started = True
         self.live = {}
         for plan in plans:
@@ -379,19 +396,25 @@ class Controller:
     ) -> bool:
         """Another replica's decision: applied and written here like one of ours, its event
         naming the `replica` that decided (a record without an event, a state a replica wrote
-        back into the fleet, is audited as taken from it). False if it is about a canary
-        revision this config does not run (a fleet in the middle of a config change): each
-        replica follows its own config then.
+        back into the fleet, is audited as taken from it). False if it is about a route or a
+        canary revision this config does not run (a fleet in the middle of a config change):
+        this replica follows its own config until a reload brings that revision, which then
+        starts from the fleet's record; the revisions the fleet rolled back count here at once
+        (a reload to one of them is refused).
 
         A ramp's dwell counts canary requests from here on, on this process's counter: the
         deciding replica's counter means nothing here.
         """
         live = self.live.get(name)
-        if live is None:
+        if live is None or state.revision != _revision(live.route):
+            self.aborted_revisions.setdefault(name, set()).update(aborted_revisions)
+            if live is None:
+                self._saved[name] = state  # a reload that adds the route picks it up
+            else:
+                self._fleet_ahead[name] = state
+            self._write([], {})
             return False
-        revision = live.route.canary.revision if live.route.canary else None
-        if state.revision != revision:
-            return False
+        self._fleet_ahead.pop(name, None)
         canary_requests = self.recorder.stats_for(name, CANARY).requests
         state = replace(state, step_base_requests=canary_requests)
         self.aborted_revisions[name] = set(aborted_revisions)
@@ -506,6 +529,32 @@ class Controller:
 
 
 _RESTARTS: Final = ("start", "new_revision", "retry")
+
+
+def _revision(route: Route) -> str | None:
+    return route.canary.revision if route.canary else None
+
+
+def _taken_from_fleet(
+    route: Route, live: RolloutState, fleet: RolloutState, now: float, canary_requests: int
+) -> rollout.Change:
+    """A reload to the canary revision the fleet's record is about: the fleet's state, fitted
+    to this config, audited as taken from the fleet."""
+    base = replace(fleet, step_base_requests=canary_requests)
+    state, transition = rollout.reconcile(route, base, now, canary_requests=canary_requests)
+    if transition is None:
+        transition = Transition(
+            route=route.name,
+            actor="config",
+            action="restore",
+            before=live.state,
+            after=state.state,
+            weight_before_bp=live.weight_bp,
+            weight_after_bp=state.weight_bp,
+            reason=f"taken from the fleet: {state.reason}",
+            at=now,
+        )
+    return state, transition
 
 
 def _restarts(transition: Transition) -> bool:

@@ -144,3 +144,52 @@ def test_a_state_written_back_into_the_fleet_is_audited_as_taken_from_it(tmp_pat
     lines = len((tmp_path / "audit.jsonl").read_text().splitlines())
     assert holder.controller.follow_fleet("shop", aborted, ["v2"], None, "c")  # no change
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == lines
+
+
+V3 = {"upstreams": ["http://127.0.0.1:9002"], "revision": "v3"}
+
+
+def test_the_fleets_abort_of_a_revision_this_config_does_not_run_yet_sticks_to_it() -> None:
+    """Finding 2: a config change reaches replicas seconds apart. The fleet aborts v3 while
+    this replica still runs v2; its reload to v3 must not serve v3 (nor, holding the ramp
+    lease, publish a v3 decision over the abort)."""
+    ahead = RuntimeHolder(guarded(canary=V3))
+    there = ahead.current.routes["shop"].state
+    aborted, _ = rollout.abort(there.route, there.rollout, 1.0, "broken v3")
+    holder = RuntimeHolder(guarded())
+    assert not holder.controller.follow_fleet("shop", aborted, ["v3"], None, "a")
+    live = holder.current.routes["shop"].state
+    assert live.weight_bp == 1000  # still v2 here, at its own weight
+    assert holder.controller.aborted_revisions["shop"] == {"v3"}
+    holder.install(holder.prepare(guarded(canary=V3)))
+    live = holder.current.routes["shop"].state
+    assert (live.rollout.state, live.rollout.revision, live.weight_bp) == ("aborted", "v3", 0)
+
+
+def test_a_reload_to_the_revision_the_fleet_runs_starts_from_the_fleets_record(
+    tmp_path: Path,
+) -> None:
+    ahead = RuntimeHolder(guarded(canary=V3))
+    there = ahead.current.routes["shop"].state
+    raised, _ = rollout.set_weight(there.route, there.rollout, 1.0, 3000)
+    holder = RuntimeHolder(guarded(), store=StateStore(str(tmp_path)))
+    assert not holder.controller.follow_fleet("shop", raised, [], None, "a")
+    holder.install(holder.prepare(guarded(canary=V3)))
+    live = holder.current.routes["shop"].state
+    assert (live.rollout.revision, live.weight_bp) == ("v3", 3000)
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert (last["action"], last["weight_after_bp"]) == ("restore", 3000)
+    assert last["reason"].startswith("taken from the fleet")
+    # Taken once: a later reload of the same config changes nothing.
+    holder.install(holder.prepare(guarded(canary=V3, split={"weight": 10})))
+    assert holder.current.routes["shop"].state.weight_bp == 3000
+
+
+def test_the_fleets_record_of_a_route_this_config_lacks_is_kept_for_when_it_comes() -> None:
+    holder = RuntimeHolder(guarded())
+    live = holder.current.routes["shop"].state
+    aborted, _ = rollout.abort(live.route, live.rollout, 1.0, "elsewhere")
+    holder.install(holder.prepare(guarded(name="cart")))
+    assert not holder.controller.follow_fleet("shop", aborted, ["v2"], None, "a")
+    holder.install(holder.prepare(guarded()))
+    assert holder.current.routes["shop"].state.rollout.state == "aborted"
