@@ -388,15 +388,20 @@ class Fleet:
                 self.applied[name] = max(self.applied.get(name, 0), version)
                 self._settle(name, pending, version)
                 return
+            # Lost a race. What we decided meanwhile (an abort, say) is what meets the fleet's
+            # record now, not the decision that was on the wire.
+            current = self.pending.get(name)
+            if current is None:
+                return  # settled meanwhile (a record that arrived saw to it)
             fleet = _decoded(name, version, text)
-            match resolve(pending=pending.decision, fleet=fleet, base=pending.base):
+            match resolve(pending=current.decision, fleet=fleet, base=current.base):
                 case "publish":
-                    pending = Pending(version, pending.decision)
+                    pending = Pending(version, current.decision)
                     self.pending[name] = pending
                 case _:
                     assert fleet is not None
-                    self._settle(name, pending, None)
-                    if is_newer(self.applied.get(name, 0), fleet[0]):  # not applied meanwhile
+                    del self.pending[name]
+                    if is_newer(self.applied.get(name, 0), version):
                         self._adopt(name, *fleet)
                     return
         log.error(
@@ -527,11 +532,15 @@ class Fleet:
             record = fleet[1]
         pending = self.pending.get(name)
         if record.origin == self.replica:
-            # Ours, applied here when we made it (its answer to the CAS may come later).
+            # Ours, applied here when we made it (its answer to the CAS may come later). A
+            # later decision of ours goes on top of it (its CAS may have timed out here and
+            # run all the same).
             self.applied[name] = version
             if pending is not None and pending.decision == record:
                 del self.pending[name]
                 self._published.set()
+            elif pending is not None and pending.base < version:
+                self.pending[name] = Pending(version, pending.decision)
             return
         if pending is not None:
             if (

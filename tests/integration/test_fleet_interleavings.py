@@ -1,0 +1,93 @@
+"""The fleet's link in process, against a real Redis: the orders of events that real
+replicas meet only by chance (a decision made while a write is on the wire, Redis back empty
+with replicas that applied different versions), set up exactly, one replica per `Fleet`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from redis_server import RedisServer, needs_redis, running_redis
+
+from proxy.control.fleet import Fleet
+from proxy.control.holder import RuntimeHolder
+from proxy.core import rollout
+from proxy.core.config import parse_config
+from proxy.core.fleet import Decision, decision
+from proxy.dataplane.runtime import RouteState
+
+pytestmark = needs_redis
+
+
+@asynccontextmanager
+async def replica(redis: RedisServer, name: str) -> AsyncIterator[tuple[RuntimeHolder, Fleet]]:
+    """Replica `name`'s controller and fleet link, taken as connected (no background tasks:
+    the test runs each step)."""
+    route = {
+        "name": "shop",
+        "stable": {"upstreams": ["http://127.0.0.1:9001"]},
+        "canary": {"upstreams": ["http://127.0.0.1:9002"], "revision": "v2"},
+        "split": {"weight": 10},
+        "guard": {"window": "10s", "min_requests": 20, "max_error_rate": 0.05},
+    }
+    cluster = {"redis": redis.url, "name": "races", "replica": name}
+    config = parse_config({"routes": [route], "cluster": cluster}, base_dir="/srv")
+    assert config.cluster is not None
+    holder = RuntimeHolder(config, pooled=True)
+    fleet = Fleet(config.cluster, name)
+    fleet.attach(holder.controller)
+    fleet.subscribed = fleet.healthy = True
+    try:
+        yield holder, fleet
+    finally:
+        await fleet.client.aclose()
+
+
+def shop(holder: RuntimeHolder) -> RouteState:
+    return holder.current.routes["shop"].state
+
+
+async def record(fleet: Fleet) -> tuple[int, Decision]:
+    version, text = await fleet.client.hmget(fleet.keys.route("shop"), "version", "record")
+    assert isinstance(version, bytes)
+    assert isinstance(text, bytes)
+    return int(version), Decision.decode(text)
+
+
+async def test_an_abort_made_while_a_losing_write_is_on_the_wire_is_not_undone(
+    tmp_path: Path,
+) -> None:
+    """Finding 4: replica a pauses (its write goes out on an old version); while it is on the
+    wire a's guard aborts; the write loses to b's older set-weight. a must keep its abort and
+    the fleet must end aborted."""
+    async with running_redis(tmp_path) as redis, replica(redis, "a") as (holder, fleet):
+        live = shop(holder)
+        lowered, transition = rollout.set_weight(live.route, live.rollout, time.time(), 500)
+        theirs = decision(lowered, transition, [], origin="b", now=time.time())
+        written = await fleet._cas(
+            keys=[fleet.keys.route("shop"), fleet.keys.decisions], args=[0, theirs.encode(), "shop"]
+        )
+        assert written[0] == 1
+        holder.controller.act("shop", "pause", holder.canary_stats("shop"))
+        cas = fleet._cas
+        calls = 0
+
+        async def abort_meanwhile(**arguments: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                holder.controller.act("shop", "abort", holder.canary_stats("shop"), reason="x")
+            return await cas(**arguments)
+
+        fleet._cas = abort_meanwhile  # type: ignore[assignment]
+        await fleet.publish_pending()
+        await fleet.publish_pending()
+        assert (live.rollout.state, live.weight_bp) == ("aborted", 0)
+        version, fleets = await record(fleet)
+        assert fleets.aborted
+        fleet._arrived("shop", version, fleets.encode().encode())  # our own record's echo
+        assert (live.rollout.state, live.weight_bp) == ("aborted", 0)
+        assert not fleet.pending
