@@ -496,18 +496,30 @@ class Fleet:
                     self.applied[name] = version
                     continue
             applied = self.applied.get(name, 0)
-            if version is None or record is None or version < applied:
+            if version is None or record is None:
                 # Redis lost what we applied (it restarted empty): our state is the fleet's
-                # best knowledge, so it goes back in (the replicas race; `resolve` settles it).
-                # A replica that never synced offers only an abort it made meanwhile.
+                # best knowledge, so it goes back in, written only while the record is still
+                # missing (base 0); a replica that wrote first is met by `resolve`. A replica
+                # that never synced offers only an abort it made meanwhile.
                 offer = applied > 0 or controller.live[name].aborted
-                if offer and name not in self.pending:
-                    self.pending[name] = Pending(version or 0, self._current(name))
-                elif name in self.pending:
-                    self.pending[name] = Pending(version or 0, self.pending[name].decision)
-                self.applied[name] = version or 0
+                self._offer(name, offer)
+                self.applied[name] = 0
                 continue
+            if version < applied:
+                # Lost, and another replica wrote its state back first: it stands, except that
+                # an abort of ours wins over it (`resolve`, never a blind overwrite).
+                self._offer(name, controller.live[name].aborted)
+                self.applied[name] = 0
             self._arrived(name, version, record)
+
+    def _offer(self, name: str, offer: bool) -> None:
+        """After Redis lost the route's record: our current state (if `offer`) or our pending
+        decision goes back in on top of nothing (version 0)."""
+        pending = self.pending.get(name)
+        if pending is not None:
+            self.pending[name] = Pending(0, pending.decision)
+        elif offer:
+            self.pending[name] = Pending(0, self._current(name))
 
     def _current(self, name: str) -> Decision:
         controller = self.controller

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis_server import RedisServer, needs_redis, running_redis
 
 from proxy.control.fleet import Fleet
@@ -91,3 +92,29 @@ async def test_an_abort_made_while_a_losing_write_is_on_the_wire_is_not_undone(
         fleet._arrived("shop", version, fleets.encode().encode())  # our own record's echo
         assert (live.rollout.state, live.weight_bp) == ("aborted", 0)
         assert not fleet.pending
+
+
+@pytest.mark.parametrize("c_first", [False, True], ids=["a-first", "c-first"])
+async def test_redis_back_empty_keeps_the_abort_whichever_replica_reconnects_first(
+    tmp_path: Path, c_first: bool
+) -> None:
+    """Finding 3: a applied the fleet's abort (version 7), c last applied version 6 (before
+    it); Redis restarts empty. Neither order of their reconnects may undo the abort."""
+    async with (
+        running_redis(tmp_path) as redis,
+        replica(redis, "a") as (aborted, a),
+        replica(redis, "c") as (behind, c),
+    ):
+        aborted.controller.act("shop", "abort", aborted.canary_stats("shop"), reason="bad")
+        a.pending.clear()
+        a.applied["shop"], c.applied["shop"] = 7, 6
+        order = (c, a) if c_first else (a, c)
+        for fleet in order:
+            await fleet._catch_up()
+            await fleet.publish_pending()
+        version, fleets = await record(a)
+        assert fleets.aborted, (c_first, fleets)
+        for fleet in (a, c):
+            fleet._arrived("shop", version, fleets.encode().encode())
+        assert shop(behind).rollout.state == "aborted", c_first
+        assert shop(aborted).rollout.state == "aborted", c_first
