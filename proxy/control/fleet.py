@@ -652,7 +652,19 @@ class Fleet:
                     self._lost(error)
                 except Exception:
                     log.exception("cluster %s: pooling evidence failed", self.cluster.name)
+            else:
+                self._drop_unpooled()
             await asyncio.sleep(MIN_EVIDENCE_GAP_SECONDS)
+
+    def _drop_unpooled(self) -> None:
+        """What our routes count while Redis is away never joins the pool: added on reconnect,
+        it would all land in the time slot of that moment (the local window judged it)."""
+        controller = self.controller
+        assert controller is not None
+        for live in controller.live.values():
+            for tally in (live.stable_pool, live.canary_pool):
+                if tally is not None:
+                    tally.drain()
 
     async def _pool(self) -> None:
         """Add what our guarded routes counted to the fleet's window and judge its totals.

@@ -347,6 +347,37 @@ async def test_three_independent_proxies_with_the_same_traffic_do_not_trip(
             assert document["fleet_window"] is None
 
 
+@pytest.mark.slow
+async def test_what_a_replica_counts_while_redis_is_away_never_joins_the_pool(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    """Finding 6: counts made while cut off, added on reconnect, would all land in the time
+    slot of that moment (and with another replica's, trip on stale evidence)."""
+    canary.answer_with(reply(500))
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(tmp_path, "a", stable, canary, redis, guard=POOLED_GUARD) as (a,),
+        open_session() as session,
+    ):
+        await all_connected(session, (a,))
+        await redis.kill()
+        await eventually(lambda: _disconnected(session, (a,)), within=5.0)
+        await versions(session, a, PER_REPLICA, force="always")  # 12 < 30: no local trip
+        await redis.start()
+        await all_connected(session, (a,))
+        await versions(session, a, 1, force="always")
+
+        async def pooled() -> int:
+            window = (await route_of(session, a))["fleet_window"] or {}
+            return int(window.get("canary", {}).get("requests", 0))
+
+        async def counted() -> bool:
+            return await pooled() > 0
+
+        await eventually(counted, within=5.0)
+        assert await pooled() == 1
+
+
 # -- restarts ----------------------------------------------------------------------------------
 
 
