@@ -347,6 +347,33 @@ async def test_three_independent_proxies_with_the_same_traffic_do_not_trip(
             assert document["fleet_window"] is None
 
 
+async def test_pooled_evidence_below_min_requests_across_the_fleet_does_not_trip(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    """3 x 9 = 27 failed canary requests, below min_requests 30: counted once each (a replica
+    that counted its own twice, or the fleet's, would trip)."""
+    canary.answer_with(reply(500))
+    async with (
+        running_redis(tmp_path) as redis,
+        running_fleet(tmp_path, "abc", stable, canary, redis, guard=POOLED_GUARD) as replicas,
+        open_session() as session,
+    ):
+        await all_connected(session, replicas)
+        for replica in replicas:
+            assert set(await versions(session, replica, 9, force="always")) == {(500, "canary")}
+
+        async def all_pooled() -> bool:
+            documents = [await route_of(session, r) for r in replicas]
+            return all(
+                (d["fleet_window"] or {}).get("canary", {}).get("requests") == 27 for d in documents
+            )
+
+        await eventually(all_pooled, within=5.0)
+        for replica in replicas:
+            document = await route_of(session, replica)
+            assert document["state"] == "steady", document
+
+
 @pytest.mark.slow
 async def test_what_a_replica_counts_while_redis_is_away_never_joins_the_pool(
     stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
