@@ -72,6 +72,9 @@ LEASE_SECONDS: Final = 3.0  # the ramp lease's TTL: a dead holder is replaced wi
 EVIDENCE_SECONDS: Final = 0.1  # pooled evidence is added at least this often
 MIN_EVIDENCE_GAP_SECONDS: Final = 0.005  # and, on canary errors, at most this often
 RECONNECT_SECONDS: Final = 0.25
+# The subscription is pinged every HEARTBEAT_SECONDS; silent for this long, it is renewed (a
+# connection that died without a FIN or a RST never says so).
+SUBSCRIPTION_SILENT_SECONDS: Final = 2.0
 SETTLE_SECONDS: Final = 1.0  # an admin answer waits this long for its decision to be written
 REPLICA_ALIVE_SECONDS: Final = 5.0  # a replica heard from within this is counted as live
 REPLICA_FORGET_SECONDS: Final = 300.0  # one silent for this long leaves the list
@@ -194,6 +197,8 @@ class Fleet:
             password=password,  # a password in the URL itself wins
             socket_timeout=COMMAND_SECONDS,
             socket_connect_timeout=COMMAND_SECONDS,
+            socket_keepalive=True,
+            socket_keepalive_options=_KEEPALIVE,
             retry=Retry(NoBackoff(), 0),
         )
         self._cas = self.client.register_script(_CAS)
@@ -208,6 +213,10 @@ class Fleet:
         self.lag = LagHistogram()
         self.subscribed = False
         self.healthy = False
+        # Routes whose record a heartbeat found newer than the version applied here: if the
+        # next heartbeat still does, the subscription missed it.
+        self._behind: dict[str, int] = {}
+        self._resubscribe = False
         self._said_lost = False
         self.instance = os.urandom(6).hex()  # this process, in the heartbeat
         self._beaten = False
@@ -432,12 +441,7 @@ class Fleet:
                     self._said_lost = False
                     log.info("cluster %s: connected as %s", self.cluster.name, self.replica)
                     self._wake_publisher()
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None:
-                            self._received(message.get("data"))
+                    await self._listen(pubsub)
             except CONNECTION_ERRORS as error:
                 self._lost(error)
             except Exception:
@@ -445,6 +449,30 @@ class Fleet:
                 self._lost(None)
             self.subscribed = False
             await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        """Apply what is published until the subscription goes silent (pinged, it answers
+        within SUBSCRIPTION_SILENT_SECONDS) or a heartbeat finds it missed a decision."""
+        self._resubscribe = False
+        heard = pinged = monotonic()
+        while not self._resubscribe:
+            if monotonic() - pinged >= HEARTBEAT_SECONDS:
+                await pubsub.ping()
+                pinged = monotonic()
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=HEARTBEAT_SECONDS
+            )
+            if message is not None:
+                heard = monotonic()
+                if message.get("type") == "message":
+                    self._received(message.get("data"))
+            elif monotonic() - heard > SUBSCRIPTION_SILENT_SECONDS:
+                raise TimeoutError(
+                    f"the subscription was silent for {SUBSCRIPTION_SILENT_SECONDS:g}s"
+                )
+        log.warning(
+            "cluster %s: the subscription missed a decision; subscribing again", self.cluster.name
+        )
 
     def _lost(self, error: BaseException | None) -> None:
         """Redis failed us: degraded until it answers again (said once per outage)."""
@@ -594,6 +622,7 @@ class Fleet:
     async def _beat(self) -> None:
         now = time.time()
         sent = monotonic()
+        names = list(self.controller.live) if self.controller is not None else []
         beat = json.dumps(
             {"last_seen": now, "applied_version": self.applied, "instance": self.instance}
         )
@@ -604,8 +633,12 @@ class Fleet:
             await self._lease(
                 keys=[self.keys.lease], args=[self.replica, int(LEASE_SECONDS * 1000)], client=pipe
             )
-            previous, _, replicas, leased = await pipe.execute()
+            for name in names:
+                pipe.hmget(self.keys.route(name), "version", "record")
+            previous, _, replicas, leased, *records = await pipe.execute()
         self._check_unique(previous)
+        if self.connected:
+            self._missed(dict(zip(names, records, strict=True)))
         self.lease_renewed = sent if leased else None
         self.replicas, gone = _replicas(replicas, now)
         if gone:
@@ -616,6 +649,23 @@ class Fleet:
             self._said_lost = False
             log.info("cluster %s: Redis answers again", self.cluster.name)
             self._wake_publisher()
+
+    def _missed(self, records: Mapping[str, list[bytes | None]]) -> None:
+        """A record newer than the version applied here, at two heartbeats in a row: the
+        subscription missed it (a published decision arrives within milliseconds). Applied
+        now, and the subscription renewed."""
+        behind: dict[str, int] = {}
+        missed = False
+        for name, (version, text) in records.items():
+            if version is None or not is_newer(self.applied.get(name, 0), int(version)):
+                continue
+            behind[name] = int(version)
+            if name in self._behind:
+                missed = True
+                self._arrived(name, int(version), text or b"")
+        self._behind = {n: v for n, v in behind.items() if is_newer(self.applied.get(n, 0), v)}
+        if missed:
+            self._resubscribe = True
 
     def _check_unique(self, previous: bytes | None) -> None:
         """Two processes with one replica id would each take the other's decisions for their
@@ -759,6 +809,18 @@ class FleetCollector(Collector):
             buckets=buckets,
             sum_value=fleet.lag.total,
         )
+
+
+# Keepalive probes: a peer gone without a word is found within about 8 s, where Linux has them.
+_KEEPALIVE: Final = {
+    option: value
+    for option, value in (
+        (getattr(socket, "TCP_KEEPIDLE", None), 5),
+        (getattr(socket, "TCP_KEEPINTVL", None), 1),
+        (getattr(socket, "TCP_KEEPCNT", None), 3),
+    )
+    if option is not None
+}
 
 
 def _decoded(name: str, version: int, text: object) -> tuple[int, Decision] | None:

@@ -35,6 +35,7 @@ from proxy_process import (
     write_config,
 )
 from redis_server import RedisServer, needs_redis, running_redis
+from relay import Relay, running_relay
 from traffic import Traffic
 
 pytestmark = needs_redis
@@ -62,7 +63,7 @@ def replica_config(
     replica: str,
     stable: FakeUpstream,
     canary: FakeUpstream,
-    redis: RedisServer | None,
+    redis: RedisServer | Relay | None,
     *,
     weight: float | None = 50,
     guard: Document | None = None,
@@ -289,6 +290,31 @@ async def test_a_guard_rollback_on_one_replica_stops_the_canary_on_every_replica
             assert {v for _, v in await versions(session, replica, 20, force="always")} == {
                 "stable"
             }
+
+
+async def test_a_replica_whose_subscription_dies_silently_still_gets_every_decision(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    """Finding 1: a's pub/sub connection goes silent (no FIN, no RST) while its other
+    connections to Redis work. Its heartbeats and the subscription's own liveness must bring
+    it the decisions it misses, then a subscription that works again."""
+    async with (
+        running_redis(tmp_path) as redis,
+        running_relay(redis.port) as relay,
+        running_proxy(replica_config(tmp_path, "a", stable, canary, relay), token=TOKEN) as a,
+        running_fleet(tmp_path, "b", stable, canary, redis) as (b,),
+        open_session() as session,
+    ):
+        await all_connected(session, (a, b))
+        relay.freeze_subscriptions()
+        status, _ = await admin(session, b, "POST", "/routes/shop/abort", {"reason": "b says"})
+        assert status == 200
+        await until_state(session, a, "aborted", within=5.0)
+        await all_connected(session, (a,))
+        status, _ = await admin(session, b, "POST", "/routes/shop/retry")
+        assert status == 200
+        await until_state(session, a, "steady", within=5.0)
+        assert (await route_of(session, a))["weight"] == 50
 
 
 # -- pooled evidence ---------------------------------------------------------------------------
