@@ -329,7 +329,7 @@ async def _act(request: web.Request, verb: str, arguments: dict[str, object]) ->
     if route is None:
         return _error(404, f"no route named {name!r}")
     try:
-        holder.controller.act(name, verb, holder.canary_stats(name), **arguments)
+        await holder.controller.act_written(name, verb, holder.canary_stats(name), **arguments)
     except RolloutError as error:
         return _error(409, str(error))
     except (PersistError, DecisionRefused) as error:

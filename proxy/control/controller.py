@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from time import monotonic
 from typing import Final
@@ -23,6 +23,7 @@ from typing import Final
 from proxy.control.store import StateStore
 from proxy.core import rollout
 from proxy.core.config import Guard, Route
+from proxy.core.fleet import raises_weight
 from proxy.core.guard import Assessment, assess
 from proxy.core.rollout import RolloutState, Transition
 from proxy.core.vocabulary import CANARY, RollbackReason
@@ -93,6 +94,11 @@ class Controller:
         self.check_decision: Callable[[Transition], None] | None = None
         self.may_ramp: Callable[[], bool] | None = None
         self.on_evidence: Callable[[], None] | None = None
+        # In a fleet: a decision that raises a weight is written to the fleet first (this
+        # raises DecisionRefused if it could not be) and applied here only then.
+        self.write_first: Callable[[str, RolloutState, Transition], Awaitable[None]] | None = None
+        self._writing: set[str] = set()  # routes whose ramp step is being written first
+        self._background: set[asyncio.Task[None]] = set()
         self.live: dict[str, RouteState] = {}
         self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
         # Routes not in the current config keep their record (an abort must survive a reload
@@ -306,6 +312,8 @@ class Controller:
             assessment = self._assess(name, live, now)
             if live.aborted or (self.may_ramp is not None and not self.may_ramp()):
                 continue  # in a fleet, only the ramp lease's holder moves ramps
+            if name in self._writing:
+                continue  # a step is being written to the fleet
             change = rollout.tick(
                 live.route,
                 live.rollout,
@@ -313,7 +321,26 @@ class Controller:
                 canary_requests=stats(name).requests,
                 verdict=assessment.verdict if assessment is not None else None,
             )
+            if change[1] is not None and self.write_first is not None and raises_weight(change[1]):
+                self._step_written_first(name, live, change)
+                continue
             self._apply(name, live, change)
+
+    def _step_written_first(self, name: str, live: RouteState, change: rollout.Change) -> None:
+        self._writing.add(name)
+        task = asyncio.get_running_loop().create_task(self._write_step(name, live, change))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_step(self, name: str, live: RouteState, change: rollout.Change) -> None:
+        try:
+            await self._written_first(name, live, change)
+        except DecisionRefused as error:
+            log.info("route %s: the ramp holds: %s", name, error)
+        except Exception:  # a bug here must not stop the ramp for good
+            log.exception("route %s: a ramp step failed", name)
+        finally:
+            self._writing.discard(name)
 
     # -- admin verbs -------------------------------------------------------------------------
 
@@ -321,6 +348,43 @@ class Controller:
         """Run an admin verb; raises KeyError (unknown route), rollout.RolloutError (409) or
         ValueError (400)."""
         live = self.live[name]
+        self._apply(name, live, self._decide(live, verb, stats, arguments))
+        return live
+
+    async def act_written(
+        self, name: str, verb: str, stats: VersionStats, **arguments: object
+    ) -> RouteState:
+        """`act`, for the admin API: in a fleet a decision that raises a weight is written to
+        the fleet first and applied here only once written (DecisionRefused if it was not)."""
+        live = self.live[name]
+        change = self._decide(live, verb, stats, arguments)
+        if change[1] is not None and self.write_first is not None and raises_weight(change[1]):
+            await self._written_first(name, live, change)
+        else:
+            self._apply(name, live, change)
+        return live
+
+    async def _written_first(self, name: str, live: RouteState, change: rollout.Change) -> None:
+        state, transition = change
+        assert transition is not None
+        assert self.write_first is not None
+        before = live.rollout
+        await self.write_first(name, state, transition)
+        now = live.rollout
+        if self.live.get(name) is not live or (now.state, now.weight_bp, now.revision) != (
+            before.state,
+            before.weight_bp,
+            before.revision,
+        ):
+            raise DecisionRefused(
+                f"route {name} changed while the decision was being written ({now.reason});"
+                " the later decision stands"
+            )
+        self._apply(name, live, change, in_fleet=True)
+
+    def _decide(
+        self, live: RouteState, verb: str, stats: VersionStats, arguments: Mapping[str, object]
+    ) -> rollout.Change:
         route, state, now = live.route, live.rollout, self.wall()
         requests = stats.requests
         if verb == "promote":
@@ -343,12 +407,13 @@ class Controller:
             raise ValueError(f"unknown verb {verb!r}")
         if change[1] is not None and self.check_decision is not None:
             self.check_decision(change[1])
-        self._apply(name, live, change)
-        return live
+        return change
 
     # -- applying a decision -----------------------------------------------------------------
 
-    def _apply(self, name: str, live: RouteState, change: rollout.Change) -> None:
+    def _apply(
+        self, name: str, live: RouteState, change: rollout.Change, *, in_fleet: bool = False
+    ) -> None:
         state, transition = change
         if transition is None:
             live.rollout = state  # bookkeeping only (e.g. a restarted dwell): no event
@@ -368,7 +433,7 @@ class Controller:
         if _restarts(transition):
             self._reset_windows(live, live.route.guard)
         self._changed()
-        if self.on_decision is not None and transition.actor != "config":
+        if self.on_decision is not None and transition.actor != "config" and not in_fleet:
             self.on_decision(name, state, transition)
         if transition.action in ("rollback", "abort"):
             self.recorder.rolled_back(name, _rollback_reason(transition))
@@ -465,11 +530,16 @@ class Controller:
             )
 
     def _note_revisions(self, name: str, transition: Transition, state: RolloutState) -> None:
-        revisions = self.aborted_revisions.setdefault(name, set())
+        self.aborted_revisions[name] = self.revisions_after(name, transition, state)
+
+    def revisions_after(self, name: str, transition: Transition, state: RolloutState) -> set[str]:
+        """The route's rolled-back canary revisions once `transition` is applied."""
+        revisions = set(self.aborted_revisions.get(name, ()))
         if state.state == "aborted" and state.revision is not None:
             revisions.add(state.revision)
         elif transition.action == "retry" and state.revision is not None:
             revisions.discard(state.revision)
+        return revisions
 
     def _state_dir(self) -> str:
         return self.store.state_dir if self.store is not None else "(no state_dir)"
@@ -522,10 +592,12 @@ class Controller:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        tasks = [*([task] if task is not None else []), *self._background]
+        for each in tasks:
+            each.cancel()
+        for each in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await each
 
 
 _RESTARTS: Final = ("start", "new_revision", "retry")

@@ -285,6 +285,7 @@ class Fleet:
         controller.check_decision = self.check
         controller.may_ramp = self.may_ramp
         controller.on_evidence = self.evidence_soon
+        controller.write_first = self.write_first
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -339,6 +340,45 @@ class Fleet:
             refusal = offline_refusal(transition)
             if refusal is not None:
                 raise DecisionRefused(refusal)
+
+    async def write_first(self, name: str, state: RolloutState, transition: Transition) -> None:
+        """Write a decision that raises a weight to the fleet before it is applied here (a
+        replica that has lost Redis without knowing it yet must not raise one alone): within
+        SETTLE_SECONDS, on top of the version applied here, or DecisionRefused."""
+        controller = self.controller
+        assert controller is not None
+        refusal = offline_refusal(transition) or "the fleet's store (Redis) is unreachable"
+        if self.connected and name in self.pending:
+            await self.settled()  # ours first: the raise goes on top of it
+        if not self.connected or name in self.pending:
+            raise DecisionRefused(refusal)
+        record = decision(
+            state,
+            transition,
+            controller.revisions_after(name, transition, state),
+            origin=self.replica,
+            now=time.time(),
+        )
+        try:
+            async with asyncio.timeout(SETTLE_SECONDS):
+                written, version, text = await self._cas(
+                    keys=[self.keys.route(name), self.keys.decisions],
+                    args=[self.applied.get(name, 0), record.encode(), name],
+                )
+        except CONNECTION_ERRORS as error:
+            raise DecisionRefused(f"{refusal} (writing it: {_describe(error)})") from None
+        version = int(version)
+        if not written:
+            fleet = _decoded(name, version, text)
+            if fleet is not None:
+                self._arrived(name, *fleet)
+            raise DecisionRefused(
+                f"another replica decided for route {name} meanwhile (fleet version {version});"
+                " look at the route again"
+            )
+        self.applied[name] = max(self.applied.get(name, 0), version)
+        if transition.action in ("start", "new_revision", "retry"):
+            self.since[name] = record.decided_at
 
     def may_ramp(self) -> bool:
         return self.connected and lease_held(self.lease_renewed, LEASE_SECONDS, monotonic())

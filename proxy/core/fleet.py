@@ -113,6 +113,12 @@ def is_newer(applied: int, incoming: int) -> bool:
     return incoming > applied
 
 
+def raises_weight(transition: Transition) -> bool:
+    """A decision that sends more users to the canary: in a fleet it is written to the store
+    first and applied only once written, so no replica raises a weight the fleet has not."""
+    return transition.weight_after_bp > transition.weight_before_bp
+
+
 def offline_refusal(transition: Transition) -> str | None:
     """Why a decision must wait for the store, or None if it may be made without it.
 
@@ -120,7 +126,7 @@ def offline_refusal(transition: Transition) -> str | None:
     lower weight. Anything that raises a weight (promote, a higher set-weight, retry) could
     send one replica's users to a canary the rest of the fleet has rolled back.
     """
-    if transition.weight_after_bp <= transition.weight_before_bp:
+    if not raises_weight(transition):
         return None
     return (
         f"the fleet's store (Redis) is unreachable: {transition.action.replace('_', '-')}"

@@ -17,6 +17,7 @@ from fakes import HOST
 class _Link:
     subscribed: bool = False
     frozen: bool = False
+    armed: bool = False  # partition once the answer to the marked command has gone through
 
 
 @dataclass(eq=False)
@@ -24,6 +25,7 @@ class Relay:
     target_port: int
     port: int = 0
     partitioned: bool = False
+    _marker: bytes | None = None
     _links: list[_Link] = field(default_factory=list)
     _healed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -40,6 +42,11 @@ class Relay:
     def partition(self) -> None:
         self.partitioned = True
         self._healed.clear()
+
+    def partition_after_answer_to(self, command: bytes) -> None:
+        """Partition right after Redis's answer to the next `command` has been passed on (the
+        replica has just heard from Redis: it notices the partition as late as it can)."""
+        self._marker = command
 
     def heal(self) -> None:
         self.partitioned = False
@@ -87,12 +94,17 @@ class Relay:
         while data := await source.read(65536):
             if outgoing and b"SUBSCRIBE" in data.upper():
                 link.subscribed = True
+            if outgoing and self._marker is not None and self._marker in data.upper():
+                link.armed, self._marker = True, None
             while self.partitioned:
                 await self._healed.wait()
             if link.frozen:
                 await asyncio.Event().wait()  # silent for good, and never closed
             sink.write(data)
             await sink.drain()
+            if not outgoing and link.armed:
+                link.armed = False
+                self.partition()
 
 
 @contextlib.asynccontextmanager

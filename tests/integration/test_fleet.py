@@ -563,6 +563,70 @@ async def _all_connected(session: aiohttp.ClientSession, replicas: Sequence[Prox
     return all([await connected(session, r) for r in replicas])
 
 
+async def test_a_raise_is_refused_while_redis_is_silently_unreachable_and_not_yet_noticed(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    """Finding 5: a partition (no FIN, no RST) is noticed a heartbeat or two later; a raise
+    asked for meanwhile is written to the fleet first, so it is refused, not applied alone."""
+    async with (
+        running_redis(tmp_path) as redis,
+        running_relay(redis.port) as relay,
+        running_proxy(
+            replica_config(tmp_path, "a", stable, canary, relay, weight=10), token=TOKEN
+        ) as a,
+        open_session() as session,
+    ):
+        await all_connected(session, (a,))
+        relay.partition()
+        status, document = await admin(session, a, "PUT", "/routes/shop/weight", {"weight": 40})
+        assert status == 503, document
+        assert "unreachable" in document["error"]
+        assert (await route_of(session, a))["weight"] == 10
+        # Lowering needs no fleet: applied at once.
+        status, document = await admin(session, a, "PUT", "/routes/shop/weight", {"weight": 5})
+        assert (status, document["weight"]) == (200, 5)
+        relay.heal()
+        await all_connected(session, (a,))
+        status, document = await admin(session, a, "PUT", "/routes/shop/weight", {"weight": 40})
+        assert (status, document["weight"]) == (200, 40)
+
+
+@pytest.mark.slow
+async def test_a_ramp_holds_while_redis_is_silently_unreachable(
+    stable: FakeUpstream, canary: FakeUpstream, tmp_path: Path
+) -> None:
+    """Finding 5: the lease holder cut off from Redis (not yet noticed, its lease renewed a
+    moment ago) must not take the next step alone; it takes it once Redis is back."""
+    rollout = {"steps": [10, 30, 60], "interval": "1s"}
+    async with (
+        running_redis(tmp_path) as redis,
+        running_relay(redis.port) as relay,
+        running_proxy(
+            replica_config(tmp_path, "a", stable, canary, relay, weight=None, rollout=rollout),
+            token=TOKEN,
+        ) as a,
+        open_session() as session,
+    ):
+        load = Traffic(a.url, 2, 100.0)
+        load.start()
+        try:
+            await eventually(lambda: _weight(session, a, 30), within=10.0, every=0.005)
+            # Cut off just after a heartbeat got through: noticed only once the next one
+            # times out, 1.5 s on; the next step is due within a second.
+            relay.partition_after_answer_to(b"HGETALL")
+            await eventually(lambda: relay.partitioned, within=2.0)
+            weights = set()
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:  # watching that nothing happens, for 3 s
+                weights.add((await route_of(session, a))["weight"])
+                await asyncio.sleep(0.05)
+            assert weights == {30}, weights
+            relay.heal()
+            await eventually(lambda: _weight(session, a, 60), within=10.0)
+        finally:
+            await load.finish()
+
+
 # -- one ramp ----------------------------------------------------------------------------------
 
 

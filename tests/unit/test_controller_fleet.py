@@ -4,6 +4,7 @@ pooled window, and moves ramps only with the lease."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from proxy.control.store import StateStore
 from proxy.core import rollout
 from proxy.core.rollout import RolloutState, Transition
 from proxy.core.window import Tee, WindowCounts
+from proxy.dataplane.outcomes import VersionStats
 
 
 def counts(requests: int, errors: int) -> WindowCounts:
@@ -193,3 +195,88 @@ def test_the_fleets_record_of_a_route_this_config_lacks_is_kept_for_when_it_come
     assert not holder.controller.follow_fleet("shop", aborted, ["v2"], None, "a")
     holder.install(holder.prepare(guarded()))
     assert holder.current.routes["shop"].state.rollout.state == "aborted"
+
+
+async def test_a_raise_is_written_to_the_fleet_first_and_applied_only_once_written() -> None:
+    """Finding 5: nothing raises a weight here before the fleet has it."""
+    holder = RuntimeHolder(guarded())
+    controller = holder.controller
+    live = holder.current.routes["shop"].state
+    told: list[str] = []
+    controller.on_decision = lambda name, state, transition: told.append(transition.action)
+    seen: list[int] = []
+
+    async def refuse(name: str, state: RolloutState, transition: Transition) -> None:
+        seen.append(live.weight_bp)
+        raise DecisionRefused("not written")
+
+    controller.write_first = refuse
+    with pytest.raises(DecisionRefused, match="not written"):
+        await controller.act_written(
+            "shop", "set_weight", holder.canary_stats("shop"), weight_bp=4000
+        )
+    assert (seen, live.weight_bp) == ([1000], 1000)
+
+    async def write(name: str, state: RolloutState, transition: Transition) -> None:
+        seen.append(live.weight_bp)
+
+    controller.write_first = write
+    await controller.act_written("shop", "set_weight", holder.canary_stats("shop"), weight_bp=4000)
+    assert (seen[-1], live.weight_bp) == (1000, 4000)
+    assert told == []  # written already: not handed over to be written again
+    # Lowering is applied at once, and handed over to be written.
+    await controller.act_written("shop", "set_weight", holder.canary_stats("shop"), weight_bp=500)
+    assert (live.weight_bp, told) == (500, ["set_weight"])
+
+
+async def test_a_raise_whose_route_changed_while_it_was_written_is_not_applied() -> None:
+    holder = RuntimeHolder(guarded())
+    controller = holder.controller
+    live = holder.current.routes["shop"].state
+
+    async def guard_trips_meanwhile(name: str, state: RolloutState, transition: Transition) -> None:
+        controller.act("shop", "abort", holder.canary_stats("shop"), reason="guard")
+
+    controller.write_first = guard_trips_meanwhile
+    with pytest.raises(DecisionRefused, match="changed while"):
+        await controller.act_written(
+            "shop", "set_weight", holder.canary_stats("shop"), weight_bp=4000
+        )
+    assert (live.rollout.state, live.weight_bp) == ("aborted", 0)
+
+
+async def test_a_ramp_step_is_written_to_the_fleet_first_and_holds_if_it_is_not() -> None:
+    config = guarded(rollout={"steps": [10, 50], "interval": "1s"}, split={}, guard=None)
+    clock = [1_800_000_000.0]
+    holder = RuntimeHolder(config, wall=lambda: clock[0])
+    controller = holder.controller
+    live = holder.current.routes["shop"].state
+    release = asyncio.Event()
+    writes: list[int] = []
+
+    async def write(name: str, state: RolloutState, transition: Transition) -> None:
+        writes.append(transition.weight_after_bp)
+        await release.wait()
+        if len(writes) == 1:
+            raise DecisionRefused("Redis is slow")
+
+    controller.write_first = write
+    served = VersionStats()
+    served.counts[0] = 5  # canary requests in the step
+
+    def stats(name: str) -> VersionStats:
+        return served
+
+    clock[0] += 5
+    controller.tick(stats)
+    await asyncio.sleep(0)
+    controller.tick(stats)  # one write at a time
+    await asyncio.sleep(0)
+    assert (writes, live.weight_bp) == ([5000], 1000)
+    release.set()
+    await asyncio.sleep(0.01)
+    assert live.weight_bp == 1000  # not written: the ramp holds
+    controller.tick(stats)
+    await asyncio.sleep(0.01)
+    assert (writes, live.weight_bp) == ([5000, 5000], 5000)
+    await controller.stop()
