@@ -211,7 +211,12 @@ async def serve(config: Config, *, config_path: str | None, workers: int = 1) ->
         fleet = Fleet(config.cluster, replica_id(config))
         # The fleet's state before serving (a replica that restarts after kill -9 included).
         await fleet.seed(route.name for route in config.routes)
-    proxy = Proxy(config, config_path=config_path, workers=workers, fleet=fleet)
+    try:
+        proxy = Proxy(config, config_path=config_path, workers=workers, fleet=fleet)
+    except BaseException:
+        if fleet is not None:
+            await fleet.client.aclose()  # Proxy.stop closes it once it owns it
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before starting: a SIGTERM while workers start is a graceful stop, not a death.
