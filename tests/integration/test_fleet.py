@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -660,13 +661,24 @@ async def test_a_ramp_advances_exactly_once_per_step_across_the_fleet(
             ]
             assert steps == [(1000, 3000), (3000, 6000), (6000, 10_000)], audit(replica)
         # One decision per step, made once: the same event (same time) in every replica's log.
-        decisions = {
-            (e["weight_before_bp"], e["at"])
-            for replica in replicas
-            for e in audit(replica)
-            if e["action"] == "advance"
-        }
+        decisions = advances(dict(zip("abc", replicas, strict=True)))
         assert len(decisions) == 3, decisions
+        # Each by one replica, and a full interval after the one before.
+        assert all(len(deciders) == 1 for deciders in decisions.values()), decisions
+        times = sorted(at for _, at in decisions)
+        assert all(later - earlier >= 1.0 for earlier, later in itertools.pairwise(times)), times
+
+
+def advances(replicas: dict[str, ProxyProcess]) -> dict[tuple[int, float], set[str]]:
+    """Every ramp step in the replicas' audit logs, (weight before, when decided): the
+    replicas that decided it (its own event names no replica; a followed one, the decider)."""
+    decided: dict[tuple[int, float], set[str]] = {}
+    for name, replica in replicas.items():
+        for event in audit(replica):
+            if event["action"] == "advance":
+                key = (event["weight_before_bp"], event["at"])
+                decided.setdefault(key, set()).add(event.get("replica", name))
+    return decided
 
 
 @pytest.mark.slow
@@ -715,6 +727,11 @@ async def test_when_the_lease_holder_dies_another_replica_finishes_the_ramp(
             assert time.time() - killed <= 5.0  # the contract: within the lease's TTL (<= 5 s)
             for replica in survivors:
                 await until_state(session, replica, "promoted", within=15.0)
+            named = dict(zip("abc", replicas, strict=True))
+            alive = {n: r for n, r in named.items() if r is not holder}
+            after = {k: v for k, v in advances(alive).items() if k[1] > killed}
+            assert after, advances(alive)  # the survivors moved the ramp on
+            assert all(deciders <= set(alive) for deciders in after.values()), after
         finally:
             for load in loads:
                 with contextlib.suppress(TimeoutError):
