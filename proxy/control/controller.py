@@ -98,6 +98,9 @@ class Controller:
         # raises DecisionRefused if it could not be) and applied here only then.
         self.write_first: Callable[[str, RolloutState, Transition], Awaitable[None]] | None = None
         self._writing: set[str] = set()  # routes whose ramp step is being written first
+        # In a fleet: a rollback of ours is counted once the fleet took it (`count_rollback`),
+        # so that one breach every replica trips on counts once across the fleet.
+        self.rollbacks_counted_by_fleet = False
         self._background: set[asyncio.Task[None]] = set()
         self.live: dict[str, RouteState] = {}
         self.events: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
@@ -435,8 +438,8 @@ class Controller:
         self._changed()
         if self.on_decision is not None and transition.actor != "config" and not in_fleet:
             self.on_decision(name, state, transition)
-        if transition.action in ("rollback", "abort"):
-            self.recorder.rolled_back(name, _rollback_reason(transition))
+        if transition.action in ("rollback", "abort") and not self.rollbacks_counted_by_fleet:
+            self.count_rollback(name, transition)
         if transition.action in ("rollback", "observe_breach"):
             action = "rollback" if transition.action == "rollback" else "observe"
             self.recorder.guard_breached(name, action)
@@ -450,6 +453,11 @@ class Controller:
         )
 
     # -- the fleet ---------------------------------------------------------------------------
+
+    def count_rollback(self, name: str, transition: Transition) -> None:
+        """canary_proxy_rollbacks_total: a rollback or an abort (in a fleet, ours, once the
+        fleet took it)."""
+        self.recorder.rolled_back(name, _rollback_reason(transition))
 
     def follow_fleet(
         self,

@@ -216,6 +216,9 @@ class Fleet:
         # Routes whose record a heartbeat found newer than the version applied here: if the
         # next heartbeat still does, the subscription missed it.
         self._behind: dict[str, int] = {}
+        # Rollbacks of ours not yet in the fleet: counted when written (a replica whose write
+        # lost took the fleet's rollback instead, counted where it was decided).
+        self._rollbacks: dict[str, tuple[Decision, Transition]] = {}
         self._resubscribe = False
         self._said_lost = False
         self.instance = os.urandom(6).hex()  # this process, in the heartbeat
@@ -286,6 +289,7 @@ class Fleet:
         controller.may_ramp = self.may_ramp
         controller.on_evidence = self.evidence_soon
         controller.write_first = self.write_first
+        controller.rollbacks_counted_by_fleet = True
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -332,6 +336,11 @@ class Fleet:
         earlier = self.pending.get(name)
         base = earlier.base if earlier is not None else self.applied.get(name, 0)
         self.pending[name] = Pending(base, record)
+        if transition.action in ("rollback", "abort"):
+            if self.connected:
+                self._rollbacks[name] = (record, transition)
+            else:
+                controller.count_rollback(name, transition)  # no fleet to count it once
         self._wake_publisher()
 
     def check(self, transition: Transition) -> None:
@@ -436,6 +445,7 @@ class Fleet:
             if written:
                 self.applied[name] = max(self.applied.get(name, 0), version)
                 self._settle(name, pending, version)
+                self._written(name, pending.decision)
                 return
             # Lost a race. What we decided meanwhile (an abort, say) is what meets the fleet's
             # record now, not the decision that was on the wire.
@@ -618,6 +628,7 @@ class Fleet:
             self.applied[name] = version
             if pending is not None and pending.decision == record:
                 del self.pending[name]
+                self._written(name, record)
                 self._published.set()
             elif pending is not None and pending.base < version:
                 self.pending[name] = Pending(version, pending.decision)
@@ -635,9 +646,19 @@ class Fleet:
             self._published.set()
         self._adopt(name, version, record)
 
+    def _written(self, name: str, record: Decision) -> None:
+        """A decision of ours is in the fleet: a rollback counts now, here only."""
+        controller = self.controller
+        assert controller is not None
+        entry = self._rollbacks.get(name)
+        if entry is not None and entry[0] == record:
+            del self._rollbacks[name]
+            controller.count_rollback(name, entry[1])
+
     def _adopt(self, name: str, version: int, record: Decision) -> None:
         controller = self.controller
         assert controller is not None
+        self._rollbacks.pop(name, None)  # the fleet's decision, counted where it was made
         self.applied[name] = version
         if record.action in ("start", "new_revision", "retry"):
             self.since[name] = record.decided_at

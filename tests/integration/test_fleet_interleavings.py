@@ -18,6 +18,7 @@ from proxy.control.holder import RuntimeHolder
 from proxy.core import rollout
 from proxy.core.config import parse_config
 from proxy.core.fleet import Decision, decision
+from proxy.core.window import WindowCounts
 from proxy.dataplane.runtime import RouteState
 
 pytestmark = needs_redis
@@ -92,6 +93,27 @@ async def test_an_abort_made_while_a_losing_write_is_on_the_wire_is_not_undone(
         fleet._arrived("shop", version, fleets.encode().encode())  # our own record's echo
         assert (live.rollout.state, live.weight_bp) == ("aborted", 0)
         assert not fleet.pending
+
+
+async def test_a_breach_every_replica_trips_on_counts_one_rollback_across_the_fleet(
+    tmp_path: Path,
+) -> None:
+    """Lesser finding: the pooled window trips on every replica at once; the replica whose
+    write wins counts the rollback, the others take it from the fleet."""
+    async with (
+        running_redis(tmp_path) as redis,
+        replica(redis, "a") as (first, a),
+        replica(redis, "b") as (second, b),
+    ):
+        failing = WindowCounts(requests=40, errors=40, p99=0.01)
+        healthy = WindowCounts(requests=100, errors=0, p99=0.01)
+        for holder in (first, second):
+            holder.controller.judge_pooled("shop", healthy, failing)
+            assert shop(holder).aborted
+        for fleet in (a, b):
+            await fleet.publish_pending()
+        counted = [sum(holder.outcomes.rollbacks.values()) for holder in (first, second)]
+        assert counted == [1, 0]
 
 
 @pytest.mark.parametrize("c_first", [False, True], ids=["a-first", "c-first"])
