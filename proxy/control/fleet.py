@@ -216,6 +216,7 @@ class Fleet:
         # Routes whose record a heartbeat found newer than the version applied here: if the
         # next heartbeat still does, the subscription missed it.
         self._behind: dict[str, int] = {}
+        self._writing_first: set[str] = set()  # routes with a `write_first` on the wire
         # Rollbacks of ours not yet in the fleet: counted when written (a replica whose write
         # lost took the fleet's rollback instead, counted where it was decided).
         self._rollbacks: dict[str, tuple[Decision, Transition]] = {}
@@ -368,6 +369,7 @@ class Fleet:
             origin=self.replica,
             now=time.time(),
         )
+        self._writing_first.add(name)
         try:
             async with asyncio.timeout(SETTLE_SECONDS):
                 written, version, text = await self._cas(
@@ -376,6 +378,8 @@ class Fleet:
                 )
         except CONNECTION_ERRORS as error:
             raise DecisionRefused(f"{refusal} (writing it: {_describe(error)})") from None
+        finally:
+            self._writing_first.discard(name)
         version = int(version)
         if not written:
             fleet = _decoded(name, version, text)
@@ -632,6 +636,10 @@ class Fleet:
                 self._published.set()
             elif pending is not None and pending.base < version:
                 self.pending[name] = Pending(version, pending.decision)
+            elif pending is None and self._serves_otherwise(name, record):
+                # Ours, but not what we serve: a write that ran although its answer never came
+                # (the admin was told 503): the fleet has it, so it goes in here too.
+                self._adopt(name, version, record)
             return
         if pending is not None:
             if (
@@ -645,6 +653,21 @@ class Fleet:
             del self.pending[name]
             self._published.set()
         self._adopt(name, version, record)
+
+    def _serves_otherwise(self, name: str, record: Decision) -> bool:
+        """Whether this replica serves something else than `record` (a decision of ours)
+        while no write of ours for the route is on the wire."""
+        controller = self.controller
+        assert controller is not None
+        live = controller.live.get(name)
+        if live is None or name in self._writing_first:
+            return False
+        here, there = live.rollout, record.state
+        return (here.state, here.weight_bp, here.revision) != (
+            there.state,
+            there.weight_bp,
+            there.revision,
+        )
 
     def _written(self, name: str, record: Decision) -> None:
         """A decision of ours is in the fleet: a rollback counts now, here only."""

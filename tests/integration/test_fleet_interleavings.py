@@ -59,6 +59,19 @@ async def record(fleet: Fleet) -> tuple[int, Decision]:
     return int(version), Decision.decode(text)
 
 
+async def set_weight_in_redis(
+    fleet: Fleet, live: RouteState, weight_bp: int, *, origin: str
+) -> None:
+    """A set-weight decided by replica `origin`, written to Redis as the route's first record
+    (the replica under test does not hear of it)."""
+    state, transition = rollout.set_weight(live.route, live.rollout, time.time(), weight_bp)
+    record = decision(state, transition, [], origin=origin, now=time.time())
+    written = await fleet._cas(
+        keys=[fleet.keys.route("shop"), fleet.keys.decisions], args=[0, record.encode(), "shop"]
+    )
+    assert written[0] == 1
+
+
 async def test_an_abort_made_while_a_losing_write_is_on_the_wire_is_not_undone(
     tmp_path: Path,
 ) -> None:
@@ -67,12 +80,7 @@ async def test_an_abort_made_while_a_losing_write_is_on_the_wire_is_not_undone(
     the fleet must end aborted."""
     async with running_redis(tmp_path) as redis, replica(redis, "a") as (holder, fleet):
         live = shop(holder)
-        lowered, transition = rollout.set_weight(live.route, live.rollout, time.time(), 500)
-        theirs = decision(lowered, transition, [], origin="b", now=time.time())
-        written = await fleet._cas(
-            keys=[fleet.keys.route("shop"), fleet.keys.decisions], args=[0, theirs.encode(), "shop"]
-        )
-        assert written[0] == 1
+        await set_weight_in_redis(fleet, live, 500, origin="b")
         holder.controller.act("shop", "pause", holder.canary_stats("shop"))
         cas = fleet._cas
         calls = 0
@@ -114,6 +122,23 @@ async def test_a_breach_every_replica_trips_on_counts_one_rollback_across_the_fl
             await fleet.publish_pending()
         counted = [sum(holder.outcomes.rollbacks.values()) for holder in (first, second)]
         assert counted == [1, 0]
+
+
+async def test_a_raise_of_ours_that_went_in_although_its_answer_was_lost_goes_in_here_too(
+    tmp_path: Path,
+) -> None:
+    """Finding 4 (the echo of our own record): a set-weight of a's was written to Redis, but
+    its answer never came back (the admin was told 503), so a still serves the old weight.
+    When its own record comes back it must serve what the fleet has."""
+    async with running_redis(tmp_path) as redis, replica(redis, "a") as (holder, fleet):
+        live = shop(holder)
+        await set_weight_in_redis(fleet, live, 4000, origin="a")
+        assert live.weight_bp == 1000
+        version, fleets = await record(fleet)
+        fleet._arrived("shop", version, fleets.encode().encode())
+        assert live.weight_bp == 4000
+        fleet._arrived("shop", version, fleets.encode().encode())  # twice: nothing more
+        assert live.weight_bp == 4000
 
 
 @pytest.mark.parametrize("c_first", [False, True], ids=["a-first", "c-first"])
