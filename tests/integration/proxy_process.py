@@ -71,6 +71,10 @@ class ProxyProcess:
             _, writer = await asyncio.open_connection(self.host, self.port)
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            # Queued on the listener as it closed: the kernel resets it. Ask again, until a
+            # connection is refused outright.
+            return False
         await close_writer(writer)
         return False
 
