@@ -68,14 +68,19 @@ def is_framing_lookalike(lname: bytes) -> bool:
 # lookup is a fraction of a regex match. Bounded: emptied when full.
 _HOST_VERDICTS: dict[bytes, bool] = {}
 _HOST_VERDICTS_MAX: Final = 1024
+# A DNS name (253) with a port: a longer value is judged but not kept, so the cache holds at
+# most about a quarter of a megabyte whatever clients send.
+HOST_VERDICT_KEY_MAX: Final = 262
 
 
 def is_valid_host(value: bytes) -> bool:
     valid = _HOST_VERDICTS.get(value)
     if valid is None:
-        if len(_HOST_VERDICTS) >= _HOST_VERDICTS_MAX:
-            _HOST_VERDICTS.clear()
-        valid = _HOST_VERDICTS[value] = _VALID_HOST.fullmatch(value) is not None
+        valid = _VALID_HOST.fullmatch(value) is not None
+        if len(value) <= HOST_VERDICT_KEY_MAX:
+            if len(_HOST_VERDICTS) >= _HOST_VERDICTS_MAX:
+                _HOST_VERDICTS.clear()
+            _HOST_VERDICTS[value] = valid
     return valid
 
 

@@ -266,12 +266,14 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._start_framed()  # a request before the upgrade, read whole in this read
             self._upgrade_requested(data[upgrade.args[0] :])
             return
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, Reject):
                 self.reject(cause)
+                self._start_framed()
             else:
                 self._internal_error(cause or error)
             return
@@ -279,6 +281,7 @@ class ClientConnection(asyncio.Protocol, ClientSide):
             rejection = _parser_rejection(error)
             if rejection.status != 505 or not at_head or self.messages != messages + 1:
                 self.reject(rejection)
+                self._start_framed()
                 return
             retry = True  # outside this handler: its exception must not be the next one's cause
         except Exception as error:  # a bug of ours must not leave the connection wedged
@@ -289,13 +292,19 @@ class ClientConnection(asyncio.Protocol, ClientSide):
         if retry:
             self._retry_version(data)
             return
+        self._start_framed()
+        if self.in_head and self.head_bytes > self._head_limit():
+            self.reject(Reject(431, b"Request Header Fields Too Large"))
+
+    def _start_framed(self) -> None:
+        """The chunked request whose first chunk line this read completed starts its upstream
+        side now that the read has parsed (see on_chunk_header) — also when a later request
+        in the same read was refused or asked for an upgrade: its own body was fine."""
         framed = self.framed
         if framed is not None:
             self.framed = None
             if framed is self.active and not framed.response_done:
                 framed.start_upstream()
-        if self.in_head and self.head_bytes > self._head_limit():
-            self.reject(Reject(431, b"Request Header Fields Too Large"))
 
     def _retry_version(self, data: bytes) -> None:
         """llhttp refuses an HTTP/1 minor version above 1 unless told to be lenient about the
@@ -331,8 +340,9 @@ class ClientConnection(asyncio.Protocol, ClientSide):
     def reject(self, rejection: Reject) -> None:
         """Answer a request we will not forward, then close: framing can't be trusted."""
         self.in_head = False
-        self.framed = None
         parsing = self.parsing
+        if self.framed is parsing:
+            self.framed = None  # its own body is what is refused
         self.parsing = None
         if parsing is not None and not parsing.request_done:
             # The body turned out malformed (e.g. a bad chunk size) after the head was routed.

@@ -235,6 +235,17 @@ def test_host_verdicts_are_remembered_within_a_bound() -> None:
     assert len(framing._HOST_VERDICTS) <= 1024
 
 
+def test_a_long_host_is_judged_but_not_kept() -> None:
+    long_valid = b"a" * 300 + b".example"
+    long_invalid = b"a b" * 100
+    for _ in range(2):
+        assert is_valid_host(long_valid)
+        assert not is_valid_host(long_invalid)
+    assert long_valid not in framing._HOST_VERDICTS
+    assert long_invalid not in framing._HOST_VERDICTS
+    assert all(len(host) <= framing.HOST_VERDICT_KEY_MAX for host in framing._HOST_VERDICTS)
+
+
 @pytest.mark.parametrize(
     ("expect", "expected"),
     [(b"100-continue", None), (b"100-Continue", None), (b"200-ok", EXPECTATION_FAILED)],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Collection, Iterator, Sequence
+from typing import Final
 
 import pytest
 from harness import Client, Proxy, chunked_payload, one_route_config, responses, status_of
@@ -328,3 +329,34 @@ def test_a_chunked_body_growing_past_the_limit_in_many_chunks_is_counted_once() 
     outcomes = proxy.holder.outcomes
     assert outcomes.requests == {("shop", "stable", 413): 1}
     assert outcomes.rejected == {413: 1}
+
+
+# -- a chunked request whose body came whole with a bad or upgrading request behind it -------
+
+CHUNKED_POST: Final = (
+    b"POST /up HTTP/1.1\r\nHost: shop.example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "behind",
+    [
+        pytest.param(b"XYZ garbage\r\n\r\n", id="malformed"),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="no-host"),
+        pytest.param(
+            b"GET /ws HTTP/1.1\r\nHost: shop.example.com\r\nConnection: upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n",
+            id="upgrade",
+        ),
+    ],
+)
+def test_a_chunked_request_read_whole_with_a_request_behind_it_still_reaches_the_upstream(
+    proxy: Proxy, behind: bytes
+) -> None:
+    client = proxy.connect()
+    client.send(CHUNKED_POST + behind)
+    peer = proxy.upstream.peers[0]  # (an upgrade then goes out on a connection of its own)
+    assert peer.received.startswith(b"POST /up HTTP/1.1\r\n"), peer.received
+    assert peer.received.endswith(b"5\r\nhello\r\n0\r\n\r\n"), peer.received
+    assert status_of(client.received) == 200, client.received
